@@ -1,0 +1,104 @@
+"""The fixed benchmark protocol every quality figure in the docs comes from.
+
+Calibration: 128 samples x 512 tokens of WikiText-2 validation, seed 0. Evaluation: WikiText-2 raw
+test, windows of 1024 tokens, the first 40; plus Python's own documentation text (pydoc_data), which
+is not WikiText, so a method that only fits the calibration domain shows it. Each row runs in its
+own process so its peak RSS is its own.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = Path(os.environ.get("PRUNEKIT_DATA", ROOT.parent / "shared" / "data")) / "wikitext-2"
+CALIB_FILE = DATA / "wiki.valid.tokens"
+EVAL_FILE = DATA / "wiki.test.raw"
+CALIB_SAMPLES, CALIB_SEQLEN, SEED = 128, 512, 0
+EVAL_SEQLEN, EVAL_WINDOWS, PYDOC_WINDOWS = 1024, 40, 16
+
+
+def pydoc_text() -> str:
+    import pydoc_data.topics
+
+    return "\n\n".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
+
+
+def run_row(spec: dict) -> dict:
+    """Load, calibrate, prune (timed, RSS taken), then evaluate against the dense model."""
+    from prunekit.calibration import calibration_ids
+    from prunekit.evaluation import eval_windows, measure_quality
+    from prunekit.models import load_model
+    from prunekit.pruning.run import prune
+
+    torch.manual_seed(0)
+    loaded = load_model()
+    row = dict(spec)
+    if spec["method"] == "dense":
+        ids = calibration_ids(str(CALIB_FILE), loaded.tokenizer, CALIB_SAMPLES, CALIB_SEQLEN, SEED)
+        start = time.perf_counter()
+        with torch.no_grad():
+            for b in range(0, ids.shape[0], 8):
+                loaded.model(ids[b:b + 8], use_cache=False, logits_to_keep=1)
+        row["dense_forward_seconds"] = time.perf_counter() - start
+        row["peak_rss_gb"] = peak_rss_gb()
+        dense, model = None, loaded.model
+        row["parameters"] = loaded.num_parameters()
+    else:
+        dense = copy.deepcopy(loaded.model)
+        start = time.perf_counter()
+        ids = calibration_ids(str(CALIB_FILE), loaded.tokenizer, CALIB_SAMPLES, CALIB_SEQLEN, SEED)
+        options = spec.get("options", {})
+        result = prune(loaded, spec["method"], spec["sparsity"], spec["pattern"], calib_ids=ids,
+                       progress=False, **options)
+        row["prune_seconds"] = time.perf_counter() - start  # calibration data included
+        row["peak_rss_gb"] = peak_rss_gb()  # the dense copy for evaluation is included: ~0.54 GB
+        row["mask_hash"] = result.mask_hash
+        row["parameters"] = result.parameters_after
+        row["check"] = result.check
+        row["details"] = {k: v for k, v in result.details.items() if k != "structure"}
+        model = result.model
+    texts = {"wikitext2": (EVAL_FILE.read_text(encoding="utf-8"), EVAL_WINDOWS),
+             "pydoc": (pydoc_text(), PYDOC_WINDOWS)}
+    row["quality"] = {}
+    for name, (text, windows) in texts.items():
+        q = measure_quality(model, eval_windows(loaded.tokenizer, text, EVAL_SEQLEN, windows), dense, name)
+        row["quality"][name] = q.as_dict()
+    return row
+
+
+def run_rows(specs: list[dict], out_json: Path) -> list[dict]:
+    """Each row in a fresh process; results accumulate in ``out_json`` as they finish."""
+    rows = []
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    for spec in specs:
+        proc = subprocess.run([sys.executable, __file__, json.dumps(spec)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"row {spec} failed:\n{proc.stderr[-3000:]}")
+        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        print(f"done: {spec}", file=sys.stderr, flush=True)
+        meta = {"protocol": {"calib": str(CALIB_FILE.name), "calib_samples": CALIB_SAMPLES,
+                             "calib_seqlen": CALIB_SEQLEN, "seed": SEED, "eval": EVAL_FILE.name,
+                             "eval_seqlen": EVAL_SEQLEN, "eval_windows": EVAL_WINDOWS,
+                             "pydoc_windows": PYDOC_WINDOWS},
+                "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                            "torch": torch.__version__}}
+        out_json.write_text(json.dumps({**meta, "rows": rows}, indent=2))
+    return rows
+
+
+if __name__ == "__main__":
+    print(json.dumps(run_row(json.loads(sys.argv[1]))))

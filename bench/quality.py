@@ -1,0 +1,55 @@
+"""Quality benchmark of the unstructured methods on the fixed protocol (see protocol.py).
+
+    python bench/quality.py [--rows wanda-50,wanda-2:4] [--out bench/results/quality.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from protocol import run_rows  # noqa: E402
+
+ROWS = {
+    "dense": {"method": "dense"},
+    "magnitude-50": {"method": "magnitude", "pattern": "unstructured", "sparsity": 0.5},
+    "wanda-50": {"method": "wanda", "pattern": "unstructured", "sparsity": 0.5},
+    "wanda-4:8": {"method": "wanda", "pattern": "4:8", "sparsity": 0.5},
+    "wanda-2:4": {"method": "wanda", "pattern": "2:4", "sparsity": 0.5},
+    "sparsegpt-50": {"method": "sparsegpt", "pattern": "unstructured", "sparsity": 0.5},
+    "sparsegpt-2:4": {"method": "sparsegpt", "pattern": "2:4", "sparsity": 0.5},
+}
+
+
+def table(rows: list[dict]) -> str:
+    dense = next((r for r in rows if r["method"] == "dense"), None)
+    base = dense["dense_forward_seconds"] if dense else None
+    lines = ["| row | ppl wikitext2 | KL | top-1 | ppl pydoc | KL pydoc | prune s | x dense fwd | peak RSS GB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        w, p = r["quality"]["wikitext2"], r["quality"]["pydoc"]
+        secs = r.get("prune_seconds")
+        ratio = f"{secs / base:.2f}" if secs and base else "-"
+        fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+        lines.append(f"| {r['name']} | {w['perplexity']:.2f} | {fmt(w['kl'], '.3f')} | {fmt(w['top1'], '.3f')} "
+                     f"| {p['perplexity']:.2f} | {fmt(p['kl'], '.3f')} | {fmt(secs, '.0f')} | {ratio} "
+                     f"| {r['peak_rss_gb']:.2f} |")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {', '.join(ROWS)}")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/quality.json"))
+    args = parser.parse_args()
+    specs = [{"name": n, **ROWS[n]} for n in args.rows.split(",")]
+    rows = run_rows(specs, args.out)
+    print(table(rows))
+    print(f"\nJSON: {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,25 @@
+"""`prunekit export`: turn a pruned folder into a target's artifact, staged like deploy's outputs."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+from prunekit.models import load_model
+from prunekit.outputs import check_output, staged_output
+from prunekit.plan import make_plan
+from prunekit.profile import load_profile
+from prunekit.targets import ExportOutcome, export_for
+
+
+def export_model(target: str, model_dir: str, out: Path, force: bool, int8: bool | None,
+                 quiet: bool = False) -> ExportOutcome:
+    profile = load_profile(target)
+    plan = make_plan(profile, int8=int8)
+    check_output(out, force)
+    loaded = load_model(model_dir)
+    with staged_output(out, force) as stage:
+        context = {"profile": profile, "plan": plan, "loaded": loaded, "dense": None,
+                   "result": None, "stage": stage, "quiet": quiet, "model": copy.deepcopy(loaded.model)}
+        outcome = export_for(profile.runtime, context)
+    return outcome

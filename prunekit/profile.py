@@ -1,0 +1,183 @@
+"""Hardware profiles: the facts a pruning plan and a latency estimate depend on.
+
+Built-in profiles are TOML files in ``prunekit/profiles``; a user passes their own as a path.
+Validation names the bad key and the allowed values, because a release pipeline should fail on a
+typo in a profile rather than deploy with a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from prunekit.errors import UserInputError
+
+METHODS = ("fasp", "wanda", "sparsegpt", "magnitude")
+PRECISIONS = ("fp32", "fp16", "int8")
+RUNTIMES = {"onnxruntime": "onnx", "coreml": "mlpackage", "tensorrt": "onnx+engine"}
+LATENCY_BASES = ("measured", "estimated")
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    description: str
+    runtime: str
+    artifact: str
+    latency_basis: str
+    deployment_target: str | None
+    device_name: str
+    sparse_tensor_cores: bool
+    peak_tflops: dict[str, float]
+    sparse_peak_tflops: dict[str, float] | None
+    sparse_gemm_speedup: float
+    memory_bandwidth_gbs: float
+    memory_gb: float
+    preferred_channel_multiple: int
+    default_method: str
+    default_pattern: str
+    default_sparsity: float
+    default_precision: str
+    default_calib: str
+    default_calib_samples: int
+    default_calib_seqlen: int
+    source: str
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def builtin_profile_names() -> list[str]:
+    folder = resources.files("prunekit") / "profiles"
+    return sorted(p.name[: -len(".toml")] for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+def load_profile(target: str) -> Profile:
+    """Load a built-in profile by name, or a user profile from a ``.toml`` path."""
+    if target.endswith(".toml") or "/" in target or Path(target).suffix:
+        path = Path(target)
+        if not path.is_file():
+            raise UserInputError(f"profile file {target} does not exist: pass a TOML file or one of "
+                                 f"{', '.join(builtin_profile_names())}")
+        text, source = path.read_text(encoding="utf-8"), str(path)
+    else:
+        names = builtin_profile_names()
+        if target not in names:
+            raise UserInputError(f"unknown target '{target}': valid targets are {', '.join(names)} "
+                                 f"(or a path to a profile .toml)")
+        text = (resources.files("prunekit") / "profiles" / f"{target}.toml").read_text(encoding="utf-8")
+        source = f"builtin:{target}"
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise UserInputError(f"profile {source} is not valid TOML: {exc}") from None
+    return parse_profile(data, source)
+
+
+class _Reader:
+    """Reads one table of a profile, collecting the keys it used to reject the unknown ones."""
+
+    def __init__(self, table: dict, where: str, source: str):
+        if not isinstance(table, dict):
+            raise UserInputError(f"profile {source}: [{where}] must be a table")
+        self.table, self.where, self.source, self.used = table, where, source, set()
+
+    def _fail(self, key: str, why: str):
+        name = f"{self.where}.{key}" if self.where else key
+        raise UserInputError(f"profile {self.source}: key '{name}' {why}")
+
+    def get(self, key, kind, *, allowed=None, default=..., check=None, why=""):
+        self.used.add(key)
+        if key not in self.table:
+            if default is ...:
+                self._fail(key, "is missing" + (f" (allowed: {', '.join(map(str, allowed))})" if allowed else ""))
+            return default
+        value = self.table[key]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            self._fail(key, f"must be a {kind.__name__}, got {value!r}")
+        if allowed is not None and value not in allowed:
+            self._fail(key, f"is {value!r}; allowed values: {', '.join(map(str, allowed))}")
+        if check is not None and not check(value):
+            self._fail(key, f"is {value!r}; {why}")
+        return value
+
+    def rates(self, key, default=...):
+        table = self.get(key, dict, default=default)
+        if table is None:
+            return None
+        sub = _Reader(table, f"{self.where}.{key}", self.source)
+        out = {p: sub.get(p, float, check=lambda v: v > 0, why="must be > 0") for p in PRECISIONS}
+        sub.done()
+        return out
+
+    def done(self):
+        extra = sorted(set(self.table) - self.used)
+        if extra:
+            self._fail(extra[0], f"is not a known key; allowed keys: {', '.join(sorted(self.used))}")
+
+
+def parse_profile(data: dict, source: str) -> Profile:
+    from prunekit.plan import parse_pattern  # the pattern grammar lives with the plan
+
+    top = _Reader(data, "", source)
+    runtime = _Reader(top.get("runtime", dict), "runtime", source)
+    device = _Reader(top.get("device", dict), "device", source)
+    defaults = _Reader(top.get("defaults", dict), "defaults", source)
+    name = top.get("name", str)
+    description = top.get("description", str, default="")
+    top.done()
+
+    runtime_name = runtime.get("name", str, allowed=tuple(RUNTIMES))
+    artifact = runtime.get("artifact", str, allowed=(RUNTIMES[runtime_name],))
+    basis = runtime.get("latency_basis", str, allowed=LATENCY_BASES)
+    deployment_target = runtime.get("deployment_target", str, default=None)
+    runtime.done()
+
+    positive = dict(check=lambda v: v > 0, why="must be > 0")
+    sparse = device.get("sparse_tensor_cores", bool)
+    profile = Profile(
+        name=name,
+        description=description,
+        runtime=runtime_name,
+        artifact=artifact,
+        latency_basis=basis,
+        deployment_target=deployment_target,
+        device_name=device.get("name", str),
+        sparse_tensor_cores=sparse,
+        peak_tflops=device.rates("peak_tflops"),
+        sparse_peak_tflops=device.rates("sparse_peak_tflops", default=None),
+        sparse_gemm_speedup=device.get("sparse_gemm_speedup", float, default=1.0, **positive),
+        memory_bandwidth_gbs=device.get("memory_bandwidth_gbs", float, **positive),
+        memory_gb=device.get("memory_gb", float, **positive),
+        preferred_channel_multiple=device.get("preferred_channel_multiple", int, **positive),
+        default_method=defaults.get("method", str, allowed=METHODS),
+        default_pattern=defaults.get("pattern", str, check=_pattern_ok(parse_pattern),
+                                     why="allowed values: structured, unstructured, N:M (e.g. 2:4)"),
+        default_sparsity=defaults.get("sparsity", float, check=lambda v: 0 <= v < 1,
+                                      why="must be in [0, 1)"),
+        default_precision=defaults.get("precision", str, allowed=PRECISIONS),
+        default_calib=defaults.get("calib", str, default="self"),
+        default_calib_samples=defaults.get("calib_samples", int, default=128, **positive),
+        default_calib_seqlen=defaults.get("calib_seqlen", int, default=512, **positive),
+        source=source,
+    )
+    device.done()
+    defaults.done()
+    if sparse and profile.sparse_peak_tflops is None:
+        raise UserInputError(f"profile {source}: key 'device.sparse_peak_tflops' is missing "
+                             f"(required when device.sparse_tensor_cores = true)")
+    return profile
+
+
+def _pattern_ok(parse):
+    def check(value):
+        try:
+            parse(value)
+            return True
+        except UserInputError:
+            return False
+    return check

@@ -1,0 +1,51 @@
+"""Checks a pruned model: the sparsity of every linear layer and whether every group obeys N:M."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from prunekit.arch import block_linears, decoder_layers
+
+
+@dataclass
+class LayerSparsity:
+    name: str
+    shape: tuple[int, int]
+    sparsity: float
+    nm_ok: bool | None
+    bad_groups: int
+
+
+def nm_violations(weight: torch.Tensor, n: int, m: int) -> int:
+    """Groups of M consecutive inputs in a row holding more than N non-zeros."""
+    rows, cols = weight.shape
+    if cols % m:
+        return rows * (cols // m + 1)
+    nonzero = (weight.reshape(rows, cols // m, m) != 0).sum(-1)
+    return int((nonzero > n).sum())
+
+
+def check_model(model, n_m: tuple[int, int] | None = None) -> list[LayerSparsity]:
+    report = []
+    for i, layer in enumerate(decoder_layers(model)):
+        for name, linear in block_linears(model, layer).items():
+            weight = linear.weight.data
+            bad = nm_violations(weight, *n_m) if n_m else 0
+            report.append(LayerSparsity(
+                name=f"layers.{i}.{name}", shape=tuple(weight.shape),
+                sparsity=float((weight == 0).float().mean()), nm_ok=(bad == 0) if n_m else None,
+                bad_groups=bad))
+    return report
+
+
+def summarize(report: list[LayerSparsity]) -> dict:
+    total = sum(r.shape[0] * r.shape[1] for r in report)
+    zeros = sum(r.sparsity * r.shape[0] * r.shape[1] for r in report)
+    failing = [r.name for r in report if r.nm_ok is False]
+    return {"linear_layers": len(report), "overall_sparsity": round(zeros / max(total, 1), 4),
+            "min_sparsity": round(min((r.sparsity for r in report), default=0.0), 4),
+            "max_sparsity": round(max((r.sparsity for r in report), default=0.0), 4),
+            "nm_ok": None if all(r.nm_ok is None for r in report) else not failing,
+            "nm_failing_layers": failing}

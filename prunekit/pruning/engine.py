@@ -1,0 +1,174 @@
+"""The layer-by-layer engine every method runs on.
+
+Capture the inputs of decoder block 0 once; then for each block: collect the input statistics its
+method asks for, let the method prune the block, and rerun the pruned block to get the next block's
+inputs. Memory holds the model plus one block's calibration activations, never all blocks'.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from prunekit.arch import architecture_for, decoder_layers
+
+
+@dataclass
+class InputStats:
+    """Running statistics of the inputs X (tokens x features) of one group of linear layers.
+
+    ``sumsq`` gives Wanda's ‖X_j‖₂²; ``gram`` is XᵀX, for methods that solve least squares. The
+    held-out split is kept apart so a method can check a refit on tokens it did not fit on.
+    """
+
+    features: int
+    want_gram: bool
+    sumsq: torch.Tensor = None
+    gram: torch.Tensor = None
+    tokens: int = 0
+    held_gram: torch.Tensor = None
+    held_tokens: int = 0
+
+    def __post_init__(self):
+        self.sumsq = torch.zeros(self.features, dtype=torch.float64)
+        if self.want_gram:
+            self.gram = torch.zeros(self.features, self.features, dtype=torch.float64)
+            self.held_gram = torch.zeros_like(self.gram)
+
+    def add(self, x: torch.Tensor, held_out: bool):
+        x = x.reshape(-1, x.shape[-1]).to(torch.float32)
+        if not held_out:
+            self.sumsq += (x * x).sum(0).to(self.sumsq.device, torch.float64)
+            self.tokens += x.shape[0]
+        if self.want_gram:
+            gram = (x.T @ x).to(self.gram.device, torch.float64)
+            if held_out:
+                self.held_gram += gram
+                self.held_tokens += x.shape[0]
+            else:
+                self.gram += gram
+
+    @property
+    def norm(self) -> torch.Tensor:
+        return self.sumsq.sqrt().to(torch.float32)
+
+
+class BlockPruner(Protocol):
+    """What a method tells the engine: which statistics it needs, and how it prunes one block."""
+
+    needs_gram: bool
+    held_out_fraction: float
+
+    def prune_block(self, index: int, block: nn.Module, linears: dict[str, nn.Linear],
+                    stats: dict[str, InputStats]) -> dict:
+        """Prune in place; return what the report should show about this block."""
+
+
+@dataclass
+class EngineResult:
+    blocks: list[dict] = field(default_factory=list)
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _linear_groups(model) -> dict[str, list[str]]:
+    """Linear layers that read the same tensor share one set of input statistics."""
+    a = architecture_for(model.config)
+    return {
+        f"{a.attention}.{a.q}": [f"{a.attention}.{p}" for p in (a.q, a.k, a.v)],
+        f"{a.attention}.{a.o}": [f"{a.attention}.{a.o}"],
+        f"{a.mlp}.{a.gate}": [f"{a.mlp}.{p}" for p in (a.gate, a.up)],
+        f"{a.mlp}.{a.down}": [f"{a.mlp}.{a.down}"],
+    }
+
+
+def compute_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@torch.no_grad()
+def capture_block_inputs(model, input_ids: torch.Tensor, batch_size: int):
+    """Hidden states entering block 0, and the keyword arguments the model passes to every block
+    (rotary embeddings, masks), one entry per batch."""
+    layers = decoder_layers(model)
+    captured = []
+
+    def catch(_module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.append((hidden.detach(), {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+        raise _StopForward
+
+    handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        for start in range(0, input_ids.shape[0], batch_size):
+            try:
+                model(input_ids[start:start + batch_size], use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _run_block(block, hidden, kwargs):
+    out = block(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _to(value, device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_to(v, device) for v in value)
+    return value
+
+
+@torch.no_grad()
+def prune_layerwise(model, input_ids: torch.Tensor, pruner: BlockPruner, batch_size: int = 8,
+                    progress: bool = True) -> EngineResult:
+    device = compute_device()
+    captured = capture_block_inputs(model, input_ids, batch_size)
+    n_batches = len(captured)
+    held_batches = round(n_batches * pruner.held_out_fraction)
+    if pruner.held_out_fraction > 0 and n_batches > 1:
+        held_batches = max(1, min(held_batches, n_batches - 1))
+    else:
+        held_batches = 0
+    held_from = n_batches - held_batches
+    groups = _linear_groups(model)
+    result = EngineResult()
+    states = [(_to(h, device), {k: _to(v, device) for k, v in kw.items()}) for h, kw in captured]
+    layers = decoder_layers(model)
+    bar = tqdm(range(len(layers)), desc="pruning", unit="layer", disable=not progress, leave=False)
+    for index in bar:
+        block = layers[index].to(device)
+        linears = {name: block.get_submodule(name) for members in groups.values() for name in members}
+        stats, handles, current = {}, [], {"held": False}
+        for leader, members in groups.items():
+            module = linears[leader]
+            group_stats = InputStats(module.in_features, pruner.needs_gram)
+            for name in members:
+                stats[name] = group_stats
+            handles.append(module.register_forward_pre_hook(
+                lambda _m, args, s=group_stats: s.add(args[0], current["held"])))
+        try:
+            for b, (hidden, kwargs) in enumerate(states):
+                current["held"] = b >= held_from
+                _run_block(block, hidden, kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        info = pruner.prune_block(index, block, linears, stats)
+        result.blocks.append({"layer": index, **info})
+        del stats
+        states = [(_run_block(block, hidden, kwargs), kwargs) for hidden, kwargs in states]
+        layers[index] = block.to("cpu")
+        bar.set_postfix_str(f"layer {index + 1}/{len(layers)}")
+    bar.close()
+    return result

@@ -1,0 +1,228 @@
+"""FASP structured pruning (interlinked channels + closed-form restoration), on the shared engine.
+
+Removing input column j of ``down_proj`` also removes output row j of ``gate_proj``/``up_proj``;
+removing a value channel (kv head g, dim d) removes ``o_proj`` column (h, d) of every query head h
+of group g. Columns are scored with Wanda's metric summed over the column, and the consuming layer's
+kept columns are refit by ridge least squares when a held-out slice says the refit helps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from prunekit.arch import architecture_for, attention_shape, decoder_layers
+from prunekit.errors import UserInputError
+from prunekit.pruning.engine import InputStats
+from prunekit.pruning.structure import (check_shapes, describe_structure, needs_structure_manifest,
+                                        set_value_head_dim, shrink_linear)
+
+GRANULARITIES = ("channels", "heads")
+
+
+def column_scores(weight: torch.Tensor, x_norm: torch.Tensor) -> torch.Tensor:
+    """FASP's column score: Σ_i |W_ij| · ‖X_j‖₂."""
+    return (weight.abs() * x_norm.reshape(1, -1)).sum(0)
+
+
+def kept_width(total: int, sparsity: float, multiple: int) -> int:
+    """Channels kept: total·(1 − sparsity) rounded to the nearest multiple (at least one multiple,
+    never more than total); 0 when the ratio leaves less than one channel."""
+    wanted = total * (1 - sparsity)
+    if wanted < 1:
+        return 0
+    multiple = max(1, min(multiple, total))
+    kept = math.floor(wanted / multiple + 0.5) * multiple
+    return min(max(kept, multiple), total)
+
+
+def restore_columns(weight: torch.Tensor, keep: torch.Tensor, gram: torch.Tensor,
+                    held_gram: torch.Tensor | None, lambdas: tuple[float, ...]) -> tuple[torch.Tensor, dict]:
+    """Refit the kept columns S so that W'·X_S matches W·X: W' = W G[:,S] (G[S,S] + λI)⁻¹.
+
+    Each λ (relative to the mean of diag G[S,S]) and "no refit" are scored on held-out tokens; the
+    best wins, so the refit never makes the layer worse than the cut alone on unseen tokens."""
+    W = weight.detach().to(torch.float64)
+    G = gram.to(torch.float64)
+    cut = W[:, keep]
+    if held_gram is None or held_gram.abs().sum() == 0:
+        return cut.to(weight.dtype), {"lambda": None, "reason": "no held-out tokens"}
+    Gh = held_gram.to(torch.float64)
+    target = torch.einsum("ij,jk,ik->", W, Gh, W)
+
+    def heldout_error(candidate: torch.Tensor) -> float:
+        cross = torch.einsum("ij,jk,ik->", candidate, Gh[keep], W)
+        own = torch.einsum("ij,jk,ik->", candidate, Gh[keep][:, keep], candidate)
+        return float(target - 2 * cross + own)
+
+    G_SS = G[keep][:, keep]
+    rhs = W @ G[:, keep]
+    scale = torch.diag(G_SS).mean()
+    best, best_error, best_lambda = cut, heldout_error(cut), None
+    cut_error = best_error
+    for lam in lambdas:
+        eye = torch.eye(G_SS.shape[0], dtype=G_SS.dtype)
+        candidate = torch.linalg.solve(G_SS + lam * scale * eye, rhs.T).T
+        error = heldout_error(candidate)
+        if error < best_error:
+            best, best_error, best_lambda = candidate, error, lam
+    info = {"lambda": best_lambda,
+            "heldout_error_vs_cut": round(best_error / cut_error, 4) if cut_error > 0 else 1.0}
+    return best.to(weight.dtype), info
+
+
+@dataclass
+class FaspPruner:
+    sparsity: float
+    granularity: str = "channels"
+    channel_multiple: int = 32
+    value_multiple: int = 8
+    restore: bool = True
+    held_out_fraction: float = 0.125
+    lambdas: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0)
+    _digest: "hashlib._Hash" = field(default_factory=hashlib.sha256, repr=False)
+    _restoration: list = field(default_factory=list, repr=False)
+    _config: object = field(default=None, repr=False)
+
+    @property
+    def needs_gram(self) -> bool:
+        return self.restore
+
+    def __post_init__(self):
+        if self.granularity not in GRANULARITIES:
+            raise UserInputError(f"granularity '{self.granularity}' is not valid: use "
+                                 f"{' or '.join(GRANULARITIES)}")
+        if not self.restore:
+            self.held_out_fraction = 0.0
+
+    def widths(self, config) -> dict:
+        heads, kv_heads, head_dim = attention_shape(config)
+        widths = {"intermediate": kept_width(config.intermediate_size, self.sparsity, self.channel_multiple)}
+        if self.granularity == "channels":
+            widths["value_head_dim"] = kept_width(head_dim, self.sparsity, self.value_multiple)
+        else:
+            widths["kv_heads"] = kv_heads - int(round(kv_heads * self.sparsity))
+        return widths
+
+    def validate(self, model) -> None:
+        """Refuse, before any work, a ratio that empties a layer or a granularity the model can't take."""
+        self._config = model.config
+        heads, kv_heads, head_dim = attention_shape(model.config)
+        widths = self.widths(model.config)
+        if widths["intermediate"] < 1:
+            raise UserInputError(f"sparsity {self.sparsity:g} would remove every MLP channel "
+                                 f"({model.config.intermediate_size} at a multiple of {self.channel_multiple}): "
+                                 f"use a lower --sparsity")
+        if widths.get("value_head_dim", 1) < 1:
+            raise UserInputError(f"sparsity {self.sparsity:g} would remove every value channel of a "
+                                 f"{head_dim}-wide head: use a lower --sparsity")
+        if self.granularity == "heads":
+            if kv_heads < 2:
+                raise UserInputError("granularity heads needs at least 2 key/value heads; this model has "
+                                     f"{kv_heads}: use --granularity channels")
+            if widths["kv_heads"] < 1:
+                raise UserInputError(f"sparsity {self.sparsity:g} would remove all {kv_heads} key/value "
+                                     f"heads: use a lower --sparsity")
+
+    def prune_block(self, index: int, block: nn.Module, linears: dict[str, nn.Linear],
+                    stats: dict[str, InputStats]) -> dict:
+        config = self._config
+        arch = architecture_for(config)
+        widths = self.widths(config)
+        mlp, attention = block.get_submodule(arch.mlp), block.get_submodule(arch.attention)
+        info = {"mlp": self._prune_mlp(mlp, arch, stats[f"{arch.mlp}.{arch.down}"], widths["intermediate"])}
+        o_stats = stats[f"{arch.attention}.{arch.o}"]
+        if self.granularity == "channels":
+            info["attention"] = self._prune_values(attention, arch, config, o_stats, widths["value_head_dim"])
+        else:
+            info["attention"] = self._prune_heads(attention, arch, config, o_stats, widths["kv_heads"])
+        return info
+
+    def _refit(self, consumer: nn.Linear, keep: torch.Tensor, stats: InputStats):
+        if not self.restore:
+            return consumer.weight.data[:, keep], {"lambda": None, "reason": "restoration off"}
+        return restore_columns(consumer.weight.data, keep, stats.gram, stats.held_gram, self.lambdas)
+
+    def _record(self, kind: str, keep: torch.Tensor, info: dict):
+        self._digest.update(kind.encode() + keep.cpu().numpy().astype("int64").tobytes())
+        self._restoration.append(info.get("lambda"))
+
+    def _prune_mlp(self, mlp, arch, stats: InputStats, kept: int) -> dict:
+        down = mlp.get_submodule(arch.down)
+        scores = column_scores(down.weight.data.float(), stats.norm.to(down.weight.device))
+        keep = torch.sort(torch.topk(scores, kept).indices).values
+        weight, info = self._refit(down, keep, stats)
+        setattr(mlp, arch.gate, shrink_linear(mlp.get_submodule(arch.gate), rows=keep))
+        setattr(mlp, arch.up, shrink_linear(mlp.get_submodule(arch.up), rows=keep))
+        setattr(mlp, arch.down, shrink_linear(down, weight=weight))
+        self._record("mlp", keep, info)
+        return {"kept": kept, **info}
+
+    def _prune_values(self, attention, arch, config, stats: InputStats, v_dim: int) -> dict:
+        heads, kv_heads, head_dim = attention_shape(config)
+        old_dim = getattr(attention, "v_head_dim", head_dim)
+        if v_dim >= old_dim:
+            return {"value_head_dim": old_dim}
+        o = attention.get_submodule(arch.o)
+        col = column_scores(o.weight.data.float(), stats.norm.to(o.weight.device)).reshape(heads, old_dim)
+        group = heads // kv_heads
+        # A value channel of kv head g feeds the same dim of every query head of group g.
+        per_kv = col.reshape(kv_heads, group, old_dim).sum(1)
+        keep_dims = torch.sort(torch.topk(per_kv, v_dim, dim=1).indices, dim=1).values  # (kv, v_dim)
+        offsets = torch.arange(kv_heads).unsqueeze(1) * old_dim
+        v_rows = (keep_dims + offsets).reshape(-1)
+        o_dims = keep_dims.repeat_interleave(group, dim=0)  # (heads, v_dim)
+        o_cols = (o_dims + torch.arange(heads).unsqueeze(1) * old_dim).reshape(-1)
+        weight, info = self._refit(o, o_cols, stats)
+        setattr(attention, arch.v, shrink_linear(attention.get_submodule(arch.v), rows=v_rows))
+        setattr(attention, arch.o, shrink_linear(o, weight=weight))
+        set_value_head_dim(attention, v_dim)
+        self._record("values", v_rows, info)
+        return {"value_head_dim": v_dim, **info}
+
+    def _prune_heads(self, attention, arch, config, stats: InputStats, kept_kv: int) -> dict:
+        heads, kv_heads, head_dim = attention_shape(config)
+        current_kv = attention.get_submodule(arch.k).out_features // head_dim
+        if kept_kv >= current_kv:
+            return {"kv_heads": current_kv}
+        group = heads // kv_heads
+        o = attention.get_submodule(arch.o)
+        col = column_scores(o.weight.data.float(), stats.norm.to(o.weight.device))
+        per_kv = col.reshape(current_kv, group * head_dim).sum(1)
+        keep_kv = torch.sort(torch.topk(per_kv, kept_kv).indices).values
+        dims = torch.arange(head_dim)
+        kv_rows = (keep_kv.unsqueeze(1) * head_dim + dims).reshape(-1)
+        keep_q = (keep_kv.unsqueeze(1) * group + torch.arange(group)).reshape(-1)
+        q_rows = (keep_q.unsqueeze(1) * head_dim + dims).reshape(-1)
+        weight, info = self._refit(o, q_rows, stats)
+        for name, rows in ((arch.q, q_rows), (arch.k, kv_rows), (arch.v, kv_rows)):
+            setattr(attention, name, shrink_linear(attention.get_submodule(name), rows=rows))
+        setattr(attention, arch.o, shrink_linear(o, weight=weight))
+        self._record("heads", keep_kv, info)
+        return {"kv_heads": kept_kv, **info}
+
+    def finish(self, model) -> dict:
+        """Write the new widths into the config, check every shape, describe what the config can't."""
+        widths = self.widths(model.config)
+        heads, kv_heads, head_dim = attention_shape(model.config)
+        model.config.intermediate_size = widths["intermediate"]
+        if "kv_heads" in widths:
+            model.config.num_key_value_heads = widths["kv_heads"]
+            model.config.num_attention_heads = widths["kv_heads"] * (heads // kv_heads)
+            model.config.head_dim = head_dim
+        check_shapes(model)
+        refits = [lam for lam in self._restoration if lam is not None]
+        details = {"granularity": self.granularity, "widths": widths,
+                   "restoration": {"enabled": self.restore, "refit_layers": len(refits),
+                                   "total_layers": len(self._restoration),
+                                   "lambdas_chosen": sorted({str(lam) for lam in self._restoration})}}
+        if needs_structure_manifest(model):
+            details["structure"] = describe_structure(model)
+        return details
+
+    def mask_hash(self) -> str:
+        return self._digest.hexdigest()

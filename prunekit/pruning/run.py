@@ -1,0 +1,88 @@
+"""`prune`: calibrate, then prune a loaded model layer by layer with the chosen method."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from prunekit.calibration import calibration_ids
+from prunekit.errors import UserInputError
+from prunekit.models import LoadedModel
+from prunekit.plan import STRUCTURED_METHODS, check_sparsity, parse_pattern
+from prunekit.profile import METHODS
+from prunekit.pruning.checker import check_model, summarize
+from prunekit.pruning.engine import prune_layerwise
+from prunekit.pruning.unstructured import UnstructuredPruner
+
+
+@dataclass
+class PruneResult:
+    """What a notebook wants to inspect after pruning."""
+
+    model: object
+    tokenizer: object
+    method: str
+    pattern: str
+    sparsity: float
+    seed: int
+    calibration: dict
+    parameters_before: int
+    parameters_after: int
+    mask_hash: str | None
+    layers: list[dict]
+    check: dict
+    seconds: dict = field(default_factory=dict)
+    details: dict = field(default_factory=dict)
+
+    def manifest(self, source: str) -> dict:
+        return {"prunekit_manifest": 1, "source_model": source, "method": self.method,
+                "pattern": self.pattern, "sparsity": self.sparsity, "seed": self.seed,
+                "calibration": self.calibration, "mask_hash": self.mask_hash,
+                "parameters_before": self.parameters_before, "parameters_after": self.parameters_after,
+                **self.details}
+
+
+def make_pruner(method: str, sparsity: float, pattern: str, **options):
+    if method not in METHODS:
+        raise UserInputError(f"unknown method '{method}': use one of {', '.join(METHODS)}")
+    parsed = parse_pattern(pattern)
+    if method in STRUCTURED_METHODS:
+        if parsed != "structured":
+            raise UserInputError(f"method {method} removes whole channels: use --pattern structured")
+        from prunekit.pruning.fasp import FaspPruner
+
+        return FaspPruner(sparsity=sparsity, **options)
+    if parsed == "structured":
+        raise UserInputError(f"method {method} zeroes single weights: use --pattern unstructured or N:M")
+    n_m = parsed if isinstance(parsed, tuple) else None
+    return UnstructuredPruner(method, sparsity if n_m is None else 1 - n_m[0] / n_m[1], n_m)
+
+
+def prune(loaded: LoadedModel, method: str, sparsity: float = 0.5, pattern: str = "unstructured",
+          calib: str = "self", calib_samples: int = 128, calib_seqlen: int = 512, seed: int = 0,
+          batch_size: int = 8, progress: bool = True, calib_ids=None, **options) -> PruneResult:
+    """Prune ``loaded.model`` in place. ``calib_ids`` (a tensor) skips loading calibration text."""
+    check_sparsity(sparsity)
+    pruner = make_pruner(method, sparsity, pattern, **options)
+    if hasattr(pruner, "validate"):
+        pruner.validate(loaded.model)  # refuse impossible requests before any work
+    before = loaded.num_parameters()
+    seconds = {}
+    start = time.perf_counter()
+    if calib_ids is None:
+        calib_ids = calibration_ids(calib, loaded.tokenizer, calib_samples, calib_seqlen, seed,
+                                    model=loaded.model, progress=progress)
+    seconds["calibration_data"] = time.perf_counter() - start
+    start = time.perf_counter()
+    engine = prune_layerwise(loaded.model, calib_ids, pruner, batch_size=batch_size, progress=progress)
+    seconds["prune"] = time.perf_counter() - start
+    n_m = parse_pattern(pattern)
+    check = summarize(check_model(loaded.model, n_m if isinstance(n_m, tuple) else None))
+    finish = getattr(pruner, "finish", None)
+    details = finish(loaded.model) if finish else {}
+    return PruneResult(
+        model=loaded.model, tokenizer=loaded.tokenizer, method=method, pattern=pattern,
+        sparsity=pruner.sparsity, seed=seed,
+        calibration={"source": calib, "samples": int(calib_ids.shape[0]), "seqlen": int(calib_ids.shape[1])},
+        parameters_before=before, parameters_after=loaded.num_parameters(),
+        mask_hash=pruner.mask_hash(), layers=engine.blocks, check=check, seconds=seconds, details=details)

@@ -1,0 +1,32 @@
+"""Per-runtime back ends of `deploy`: quantize, export, verify and measure for one kind of artifact.
+
+A back end is looked up by the profile's runtime; one that is not available here says why in one
+line, and deploy still writes the pruned model and the report.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+
+@dataclass
+class ExportOutcome:
+    status: str  # "written" | "not_available"
+    reason: str | None = None
+    variants: list[dict] = field(default_factory=list)  # name, bytes, latency figures, perplexity
+    latency: dict | None = None  # {"basis": "measured"|"estimated", ...}
+    checks: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+
+
+# runtime -> callable(context) -> ExportOutcome; filled in as back ends land.
+BACKENDS: dict[str, Callable] = {}
+
+
+def export_for(runtime: str, context) -> ExportOutcome:
+    backend = BACKENDS.get(runtime)
+    if backend is None:
+        return ExportOutcome("not_available", f"the {runtime} back end is not built yet; the pruned "
+                                              f"model folder is written instead")
+    return backend(context)

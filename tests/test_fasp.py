@@ -1,0 +1,109 @@
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from prunekit.checkpoint import save_checkpoint
+from prunekit.errors import UserInputError
+from prunekit.models import LoadedModel, load_model
+from prunekit.pruning.fasp import column_scores, kept_width, restore_columns
+from prunekit.pruning.run import prune
+
+from conftest import make_tiny_llama
+
+SMALL = {"channel_multiple": 8, "value_multiple": 2}
+
+
+def test_kept_width_rounds_to_the_multiple():
+    assert kept_width(1536, 0.3, 32) == 1088
+    assert kept_width(1536, 0.2, 64) == 1216
+    assert kept_width(64, 0.3, 8) == 48
+    assert kept_width(96, 0.0, 32) == 96
+    assert kept_width(96, 0.995, 32) == 0  # less than one channel left: refused upstream
+
+
+def test_column_scores_use_activations():
+    W = torch.tensor([[0.01, 1.0], [0.01, 1.0]])
+    assert column_scores(W, torch.tensor([1000.0, 1.0])).argmax() == 0  # small weight, huge input
+
+
+def test_restoration_refits_and_never_loses_on_held_out():
+    torch.manual_seed(0)
+    mix = torch.randn(16, 16)
+    X, Xh = torch.randn(2000, 16) @ mix, torch.randn(500, 16) @ mix
+    W = torch.randn(8, 16)
+    keep = torch.arange(10)
+    new, info = restore_columns(W, keep, X.T @ X, Xh.T @ Xh, (1e-3, 1e-2))
+    err = lambda w: ((Xh[:, keep] @ w.T - Xh @ W.T) ** 2).sum()  # noqa: E731
+    assert info["lambda"] is not None and err(new) < 0.5 * err(W[:, keep])
+    # with too few fit tokens the refit overfits, and the held-out check keeps the plain cut
+    few = X[:9]
+    new, info = restore_columns(W, keep, few.T @ few, Xh.T @ Xh, (1e-6,))
+    assert err(new) <= err(W[:, keep]) + 1e-3
+
+
+@pytest.mark.parametrize("granularity", ["channels", "heads"])
+@pytest.mark.parametrize("sparsity", [0.1, 0.3, 0.5])
+def test_fasp_shapes_generate_and_reload(tokenizer, calib_ids, tmp_path, granularity, sparsity):
+    loaded = LoadedModel(make_tiny_llama(), tokenizer, "tiny")
+    before = loaded.num_parameters()
+    result = prune(loaded, "fasp", sparsity, "structured", calib_ids=calib_ids, progress=False,
+                   granularity=granularity, **SMALL)
+    model = result.model
+    assert result.parameters_after < before
+    assert model.config.intermediate_size == result.details["widths"]["intermediate"]
+    out = model.generate(calib_ids[:1, :4], max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 8)
+    save_checkpoint(model, tokenizer, tmp_path / "m", result.manifest("tiny"))
+    reloaded = load_model(str(tmp_path / "m"))
+    with torch.no_grad():
+        assert torch.equal(reloaded.model(calib_ids[:2]).logits, model(calib_ids[:2]).logits)
+    assert reloaded.num_parameters() == result.parameters_after
+    if granularity == "heads" or "structure" not in result.details:
+        # a stock config describes it: plain transformers reloads it too
+        plain = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+        with torch.no_grad():
+            assert torch.equal(plain(calib_ids[:2]).logits, model(calib_ids[:2]).logits)
+
+
+def test_value_channels_follow_gqa_groups(tokenizer, calib_ids):
+    loaded = LoadedModel(make_tiny_llama(), tokenizer, "tiny")
+    result = prune(loaded, "fasp", 0.5, "structured", calib_ids=calib_ids, progress=False, **SMALL)
+    attention = result.model.model.layers[0].self_attn
+    assert attention.v_head_dim == 4
+    assert attention.v_proj.out_features == 3 * 4 and attention.o_proj.in_features == 9 * 4
+    assert "structure" in result.details
+
+
+def test_restoration_is_no_worse_than_the_cut(tokenizer, calib_ids):
+    ids = torch.randint(3, 300, (32, 32), generator=torch.Generator().manual_seed(5))
+    heldout = torch.randint(3, 300, (4, 32), generator=torch.Generator().manual_seed(9))
+    losses = {}
+    for restore in (False, True):
+        loaded = LoadedModel(make_tiny_llama(), tokenizer, "tiny")
+        prune(loaded, "fasp", 0.3, "structured", calib_ids=ids, progress=False, restore=restore, **SMALL)
+        with torch.no_grad():
+            losses[restore] = loaded.model(heldout, labels=heldout).loss.item()
+    assert losses[True] <= losses[False] * 1.02
+
+
+def test_refuses_impossible_requests_before_work(tokenizer):
+    loaded = LoadedModel(make_tiny_llama(), tokenizer, "tiny")
+    never = torch.zeros(0, 4, dtype=torch.long)  # would fail if any work started
+    with pytest.raises(UserInputError, match="every MLP channel"):
+        prune(loaded, "fasp", 0.999, "structured", calib_ids=never)
+    with pytest.raises(UserInputError, match="all 3 key/value heads"):
+        prune(loaded, "fasp", 0.9, "structured", calib_ids=never, granularity="heads", channel_multiple=1)
+    mha = make_tiny_llama()
+    mha.config.num_key_value_heads = 1
+    with pytest.raises(UserInputError, match="at least 2 key/value heads"):
+        prune(LoadedModel(mha, tokenizer, "t"), "fasp", 0.3, "structured", calib_ids=never, granularity="heads")
+    with pytest.raises(UserInputError, match="granularity"):
+        prune(loaded, "fasp", 0.3, "structured", calib_ids=never, granularity="rows")
+
+
+def test_same_seed_same_structure(tokenizer, calib_ids):
+    hashes = {prune(LoadedModel(make_tiny_llama(), tokenizer, "t"), "fasp", 0.3, "structured",
+                    calib_ids=calib_ids, progress=False, **SMALL).mask_hash for _ in range(2)}
+    assert len(hashes) == 1

@@ -1,0 +1,61 @@
+import pytest
+
+from prunekit.errors import UserInputError
+from prunekit.plan import make_plan, parse_pattern
+from prunekit.profile import load_profile
+
+
+@pytest.mark.parametrize("target,method,pattern,sparsity,precision,basis", [
+    ("cpu-onnx", "fasp", "structured", 0.3, "int8", "measured"),
+    ("coreml-iphone13", "fasp", "structured", 0.3, "int8", "estimated"),
+    ("a100-tensorrt-sparse", "wanda", "2:4", 0.5, "fp16", "estimated"),
+    ("h100-tensorrt-sparse", "wanda", "2:4", 0.5, "fp16", "estimated"),
+])
+def test_default_plans(target, method, pattern, sparsity, precision, basis):
+    plan = make_plan(load_profile(target))
+    assert (plan.method, plan.pattern, plan.sparsity, plan.precision, plan.latency_basis) == (
+        method, pattern, sparsity, precision, basis)
+    assert plan.warnings == []
+    assert any("sparse tensor cores" in r for r in plan.reasons)
+
+
+def test_nm_override_on_cpu_warns_and_switches_to_wanda():
+    plan = make_plan(load_profile("cpu-onnx"), pattern="2:4")
+    assert plan.method == "wanda" and plan.sparsity == 0.5
+    assert len(plan.warnings) == 1 and "no sparse tensor cores" in plan.warnings[0]
+
+
+def test_unstructured_override_on_phone_warns():
+    plan = make_plan(load_profile("coreml-iphone13"), method="wanda")
+    assert plan.pattern == "unstructured"
+    assert "will not run faster" in plan.warnings[0]
+
+
+def test_gpu_overrides():
+    a100 = load_profile("a100-tensorrt-sparse")
+    assert "only the 2:4 pattern" in make_plan(a100, pattern="4:8").warnings[0]
+    fasp = make_plan(a100, method="fasp", sparsity=0.2)
+    assert fasp.pattern == "structured" and fasp.sparsity == 0.2 and fasp.warnings == []
+    assert make_plan(a100, int8=True).precision == "int8"
+    assert make_plan(load_profile("cpu-onnx"), int8=False).precision == "fp32"
+    assert make_plan(load_profile("coreml-iphone13"), int8=False).precision == "fp16"
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"method": "fasp", "pattern": "2:4"}, "removes whole channels"),
+    ({"method": "wanda", "pattern": "structured"}, "zeroes single weights"),
+    ({"pattern": "2:4", "sparsity": 0.3}, "fixes the sparsity at 0.5"),
+    ({"sparsity": 1.0}, "out of range"),
+    ({"sparsity": -0.1}, "out of range"),
+    ({"pattern": "4:2"}, "N < M"),
+    ({"pattern": "two:four"}, "not valid"),
+    ({"method": "obs"}, "unknown method"),
+])
+def test_bad_overrides(kwargs, message):
+    with pytest.raises(UserInputError, match=message):
+        make_plan(load_profile("cpu-onnx"), **kwargs)
+
+
+def test_parse_pattern():
+    assert parse_pattern("2:4") == (2, 4) and parse_pattern("4:8") == (4, 8)
+    assert parse_pattern("unstructured") == "unstructured"
