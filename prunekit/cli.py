@@ -89,6 +89,9 @@ def _deploy_parser(prog="deploy"):
     _add_pruning(p)
     p.add_argument("--int8", dest="int8", action="store_true", default=None, help="quantize to INT8")
     p.add_argument("--no-int8", dest="int8", action="store_false", help="keep float weights")
+    p.add_argument("--int8-flavour", choices=("weight-only", "dynamic"), default="weight-only",
+                   help="ONNX INT8: weight-only (default, near-lossless) or dynamic W8A8 (down_proj and "
+                        "lm_head kept fp32)")
     _add_eval(p)
     p.add_argument("--max-ppl-increase", type=float, metavar="PCT",
                    help="quality gate: exit 3 if perplexity rises more than PCT percent")
@@ -106,7 +109,7 @@ def _run_deploy(args) -> int:
                     calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, seed=args.seed,
                     evals=args.eval, eval_seqlen=args.eval_seqlen, eval_windows=args.eval_windows or None,
                     max_ppl_increase=args.max_ppl_increase, max_kl=args.max_kl,
-                    granularity=args.granularity, quiet=args.quiet)
+                    granularity=args.granularity, int8_flavour=args.int8_flavour, quiet=args.quiet)
     if args.json:
         print(json.dumps(result.report, indent=2))
     else:

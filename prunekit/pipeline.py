@@ -10,7 +10,7 @@ from pathlib import Path
 
 from prunekit.checkpoint import save_checkpoint
 from prunekit.errors import QualityGateFailed, UserInputError
-from prunekit.evaluation import evaluate_texts, parse_eval_spec
+from prunekit.evaluation import eval_windows, evaluate_texts, parse_eval_spec
 from prunekit.models import load_model
 from prunekit.outputs import check_output, staged_output
 from prunekit.plan import make_plan
@@ -18,6 +18,7 @@ from prunekit.profile import load_profile
 from prunekit.pruning.run import prune
 from prunekit.report import SCHEMA, artifact_list, hardware, versions, write_report
 from prunekit.targets import export_for
+from prunekit.textsources import read_text
 
 
 @dataclass
@@ -50,12 +51,27 @@ def quality_gate(quality: list, max_ppl_increase: float | None, max_kl: float | 
             "max_kl": max_kl, "reason": "; ".join(misses) or None}
 
 
+def export_context(profile, plan, model, dense, tokenizer, stage, eval_spec, eval_seqlen, eval_windows,
+                   int8_flavour="weight-only", quiet=False) -> dict:
+    """What a back end needs: the model to ship, the dense reference, text to check quality on."""
+    windows = eval_windows_for(tokenizer, eval_spec, eval_seqlen, eval_windows)
+    return {"profile": profile, "plan": plan, "model": model, "dense": dense, "stage": stage,
+            "eval_windows": windows, "eval_label": f"{eval_spec.language} ({eval_spec.source}), "
+                                                  f"{len(windows)} x {eval_seqlen} tokens",
+            "probe_tokens": windows[0][:32], "int8_flavour": int8_flavour, "quiet": quiet}
+
+
+def eval_windows_for(tokenizer, spec, seqlen, max_windows):
+    return eval_windows(tokenizer, read_text(spec.source, "evaluation"), seqlen, max_windows)
+
+
 def deploy(target: str, model: str | None = None, out: str | Path | None = None, force: bool = False,
            method: str | None = None, sparsity: float | None = None, pattern: str | None = None,
            int8: bool | None = None, calib: str | None = None, calib_samples: int | None = None,
            calib_seqlen: int | None = None, seed: int = 0, evals: list[str] | None = None,
            eval_seqlen: int = 512, eval_windows: int | None = 16, max_ppl_increase: float | None = None,
-           max_kl: float | None = None, granularity: str = "channels", quiet: bool = False) -> DeployResult:
+           max_kl: float | None = None, granularity: str = "channels", int8_flavour: str = "weight-only",
+           quiet: bool = False) -> DeployResult:
     """Run the whole job; raises QualityGateFailed (exit 3) after writing everything if the gate misses."""
     timings = {}
     profile = load_profile(target)
@@ -96,8 +112,8 @@ def deploy(target: str, model: str | None = None, out: str | Path | None = None,
                                  dense=dense, progress=not quiet)
         timings["evaluate"] = time.perf_counter() - start
 
-        context = {"profile": profile, "plan": plan, "loaded": loaded, "dense": dense, "result": result,
-                   "stage": stage, "quiet": quiet}
+        context = export_context(profile, plan, result.model, dense, loaded.tokenizer, stage, eval_specs[0],
+                                 eval_seqlen, eval_windows, int8_flavour, quiet)
         start = time.perf_counter()
         export = export_for(profile.runtime, context)
         timings["export"] = time.perf_counter() - start

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
+
+from prunekit.evaluation import parse_eval_spec
 
 from prunekit.models import load_model
 from prunekit.outputs import check_output, staged_output
+from prunekit.pipeline import export_context
 from prunekit.plan import make_plan
 from prunekit.profile import load_profile
 from prunekit.targets import ExportOutcome, export_for
@@ -19,7 +21,7 @@ def export_model(target: str, model_dir: str, out: Path, force: bool, int8: bool
     check_output(out, force)
     loaded = load_model(model_dir)
     with staged_output(out, force) as stage:
-        context = {"profile": profile, "plan": plan, "loaded": loaded, "dense": None,
-                   "result": None, "stage": stage, "quiet": quiet, "model": copy.deepcopy(loaded.model)}
+        context = export_context(profile, plan, loaded.model, None, loaded.tokenizer, stage,
+                                 parse_eval_spec("pydoc"), 512, 4, quiet=quiet)
         outcome = export_for(profile.runtime, context)
     return outcome

@@ -20,8 +20,14 @@ class ExportOutcome:
     timings: dict = field(default_factory=dict)
 
 
-# runtime -> callable(context) -> ExportOutcome; filled in as back ends land.
-BACKENDS: dict[str, Callable] = {}
+def _cpu_onnx(context) -> ExportOutcome:
+    from prunekit.targets.cpu_onnx import build
+
+    return build(context)
+
+
+# runtime -> callable(context) -> ExportOutcome
+BACKENDS: dict[str, Callable] = {"onnxruntime": _cpu_onnx}
 
 
 def export_for(runtime: str, context) -> ExportOutcome:

@@ -1,0 +1,92 @@
+"""A plain decoder forward over a LLaMA-family model's own modules, with the KV cache as flat
+tensors: the graph exporters (torch.onnx, torch.export for Core ML) trace this instead of the
+Hugging Face forward, whose cache objects and mask helpers do not export (see docs/toolchain.md).
+
+Hand-written because it must also run pruned shapes (narrower value heads, smaller MLPs) that no
+library exporter knows.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from prunekit.arch import architecture_for, attention_shape, decoder_layers
+
+
+def kv_names(num_layers: int) -> tuple[list[str], list[str]]:
+    past = [f"past_key_values.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+    present = [f"present.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+    return past, present
+
+
+class FlatCacheDecoder(nn.Module):
+    """forward(input_ids, *past) -> (logits, *present); past[2i], past[2i+1] are layer i's key and
+    value, shaped (batch, kv_heads, past_len, head_dim or v_head_dim)."""
+
+    def __init__(self, model: nn.Module, untie_lm_head: bool = True):
+        super().__init__()
+        self.model = model
+        # A tied lm_head reaches the graph as a transposed embedding, which weight quantizers skip
+        # as a non-constant input; its own copy is quantized like every other projection.
+        head = model.lm_head.weight
+        self.lm_head_weight = nn.Parameter(head.detach().clone(), requires_grad=False) if untie_lm_head else head
+        self.arch = architecture_for(model.config)
+        self.layers = decoder_layers(model)
+        heads, kv_heads, head_dim = attention_shape(model.config)
+        self.group = heads // kv_heads
+
+    def cache_shapes(self, batch: int, past_len: int) -> list[tuple[int, ...]]:
+        shapes = []
+        _, kv_heads, head_dim = attention_shape(self.model.config)
+        for layer in self.layers:
+            attention = layer.get_submodule(self.arch.attention)
+            kv = attention.get_submodule(self.arch.k).out_features // head_dim
+            v_dim = getattr(attention, "v_head_dim", head_dim)
+            shapes += [(batch, kv, past_len, head_dim), (batch, kv, past_len, v_dim)]
+        return shapes
+
+    def empty_cache(self, batch: int = 1, past_len: int = 0) -> list[torch.Tensor]:
+        dtype = next(self.model.parameters()).dtype
+        return [torch.zeros(s, dtype=dtype) for s in self.cache_shapes(batch, past_len)]
+
+    def forward(self, input_ids: torch.Tensor, *past: torch.Tensor):
+        a = self.arch
+        base = self.model.get_submodule(a.layers.rsplit(".", 1)[0])
+        batch, seq = input_ids.shape
+        past_len = past[0].shape[2]
+        positions = (torch.arange(seq, device=input_ids.device) + past_len).unsqueeze(0)
+        hidden = base.embed_tokens(input_ids)
+        cos, sin = base.rotary_emb(hidden, positions)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        total = torch.arange(seq + past_len, device=input_ids.device)
+        allowed = total.unsqueeze(0) <= positions.transpose(0, 1)  # (seq, past+seq)
+        mask = torch.where(allowed, 0.0, torch.finfo(hidden.dtype).min).to(hidden.dtype)
+        present = []
+        for i, layer in enumerate(self.layers):
+            attention = layer.get_submodule(a.attention)
+            head_dim = attention.head_dim
+            v_dim = getattr(attention, "v_head_dim", head_dim)
+            x = layer.input_layernorm(hidden)
+            q = attention.get_submodule(a.q)(x).view(batch, seq, -1, head_dim).transpose(1, 2)
+            k = attention.get_submodule(a.k)(x).view(batch, seq, -1, head_dim).transpose(1, 2)
+            v = attention.get_submodule(a.v)(x).view(batch, seq, -1, v_dim).transpose(1, 2)
+            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+            k = torch.cat([past[2 * i], k], dim=2)
+            v = torch.cat([past[2 * i + 1], v], dim=2)
+            present += [k, v]
+            k_all = k.repeat_interleave(self.group, dim=1)
+            v_all = v.repeat_interleave(self.group, dim=1)
+            scores = (q @ k_all.transpose(2, 3)) * attention.scaling + mask
+            out = torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v_all
+            out = out.transpose(1, 2).reshape(batch, seq, -1)
+            hidden = hidden + attention.get_submodule(a.o)(out)
+            hidden = hidden + layer.get_submodule(a.mlp)(layer.post_attention_layernorm(hidden))
+        logits = torch.nn.functional.linear(base.norm(hidden), self.lm_head_weight)
+        return (logits, *present)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin

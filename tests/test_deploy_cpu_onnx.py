@@ -1,0 +1,115 @@
+"""deploy --target cpu-onnx end to end on a tiny model folder (seconds, not minutes)."""
+
+import json
+
+import pytest
+import torch
+
+from prunekit.cli import deploy_main
+from prunekit.errors import QualityGateFailed
+from prunekit.exporters.onnx import OnnxDecoder, export_onnx, verify_export
+from prunekit.pipeline import deploy
+from prunekit.report import validate_report
+
+from conftest import CORPUS, make_tiny_llama
+
+
+@pytest.fixture()
+def tiny_folder(tmp_path, tokenizer):
+    folder = tmp_path / "tiny"
+    make_tiny_llama().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (tmp_path / "eval.txt").write_text(CORPUS[::-1])
+    return folder
+
+
+def _args(folder, out, *extra):
+    return ["--target", "cpu-onnx", "--model", str(folder), "--out", str(out), "--calib-samples", "4",
+            "--calib-seqlen", "16", "--eval", f"en={folder.parent / 'eval.txt'}", "--eval-seqlen", "16",
+            "--eval-windows", "2", "--quiet", *extra]
+
+
+def test_deploy_writes_onnx_and_a_valid_report(tiny_folder, tmp_path):
+    out = tmp_path / "out"
+    assert deploy_main(_args(tiny_folder, out)) == 0
+    report = json.loads((out / "report.json").read_text())
+    validate_report(report)
+    assert report["export"]["status"] == "written"
+    assert report["export"]["checks"]["pruned_fp32"]["passed"]
+    assert report["export"]["checks"]["pruned_int8"]["kv_cache_io"]
+    assert report["latency"]["basis"] == "measured"
+    names = [v["name"] for v in report["variants"]]
+    assert names == ["dense fp32", "pruned fp32", "pruned int8 (weight-only)"]
+    assert all(v["decode_ms"] > 0 and v["prefill_ms"] > 0 and v["bytes"] > 0 for v in report["variants"])
+    assert report["parameters"]["after"] < report["parameters"]["before"]
+    assert (out / "onnx" / "model.onnx").is_file() and (out / "report.md").is_file()
+    assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
+    assert "measured" in (out / "report.md").read_text()
+    runner = OnnxDecoder(out / "onnx" / "model.onnx")
+    assert any(n.startswith("past_key_values.0.") for n in runner.past_names)
+    assert not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_existing_output_and_force(tiny_folder, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+    assert deploy_main(_args(tiny_folder, out, "--no-int8")) == 2
+    assert (out / "mine.txt").read_text() == "keep me"
+    assert deploy_main(_args(tiny_folder, out, "--no-int8", "--force")) == 0
+    assert not (out / "mine.txt").exists() and (out / "report.json").exists()
+
+
+def test_quality_gate_exits_3_and_still_writes(tiny_folder, tmp_path):
+    out = tmp_path / "gated"
+    assert deploy_main(_args(tiny_folder, out, "--no-int8", "--max-kl", "0", "--sparsity", "0.5")) == 3
+    report = json.loads((out / "report.json").read_text())
+    assert report["gate"]["status"] == "failed" and "KL" in report["gate"]["reason"]
+    assert (out / "onnx" / "model.onnx").is_file()
+    with pytest.raises(QualityGateFailed):
+        deploy("cpu-onnx", model=str(tiny_folder), out=tmp_path / "g2", calib_samples=4, calib_seqlen=16,
+               evals=[str(tiny_folder.parent / "eval.txt")], eval_seqlen=16, eval_windows=2, int8=False,
+               max_kl=0.0, sparsity=0.5, quiet=True)
+
+
+def test_quality_gate_rules():
+    from prunekit.evaluation import Quality
+    from prunekit.pipeline import quality_gate
+
+    q = [Quality("en", "a", 1, 10, perplexity=12.0, dense_perplexity=10.0, kl=0.2, top1=0.9),
+         Quality("sw", "b", 1, 10, perplexity=30.0, dense_perplexity=10.0, kl=0.9, top1=0.5)]
+    assert quality_gate(q, None, None)["status"] == "not set"
+    assert quality_gate(q[:1], 25, None)["status"] == "passed"
+    failed = quality_gate(q, 25, None)
+    assert failed["status"] == "failed" and "sw: perplexity +200.0% > 25%" == failed["reason"]
+    assert quality_gate(q, None, 0.5)["reason"] == "sw: KL 0.9000 > 0.5"
+
+
+def test_failed_run_leaves_nothing_behind(tiny_folder, tmp_path, monkeypatch):
+    import prunekit.pipeline
+
+    def broken(*a, **k):
+        raise RuntimeError("exporter crashed")
+
+    monkeypatch.setattr(prunekit.pipeline, "export_for", broken)
+    assert deploy_main(_args(tiny_folder, tmp_path / "never")) == 1
+    assert not (tmp_path / "never").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".never")]
+
+
+def test_export_matches_pytorch_and_generates_the_same_tokens(tmp_path):
+    model = make_tiny_llama()
+    path = export_onnx(model, tmp_path / "m" / "model.onnx")
+    tokens = torch.randint(3, 300, (24,), generator=torch.Generator().manual_seed(2))
+    checks = verify_export(path, model, tokens, new_tokens=10)
+    assert checks["passed"] and checks["kv_cache_io"] and checks["greedy_tokens_identical"]
+    assert checks["max_abs_logit_diff"] < 1e-4
+
+
+def test_tolerance_check_catches_changed_math(tmp_path):
+    model = make_tiny_llama()
+    path = export_onnx(model, tmp_path / "m" / "model.onnx")
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(1.5)  # PyTorch now differs from the file
+    checks = verify_export(path, model, torch.randint(3, 300, (16,)))
+    assert not checks["logits_within_tolerance"] and not checks["passed"]
