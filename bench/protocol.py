@@ -27,12 +27,6 @@ CALIB_SAMPLES, CALIB_SEQLEN, SEED = 128, 512, 0
 EVAL_SEQLEN, EVAL_WINDOWS, PYDOC_WINDOWS = 1024, 40, 16
 
 
-def pydoc_text() -> str:
-    import pydoc_data.topics
-
-    return "\n\n".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))
-
-
 def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
 
@@ -43,6 +37,7 @@ def run_row(spec: dict) -> dict:
     from prunekit.evaluation import eval_windows, measure_quality
     from prunekit.models import load_model
     from prunekit.pruning.run import prune
+    from prunekit.textsources import pydoc_text
 
     torch.manual_seed(0)
     loaded = load_model()
@@ -77,7 +72,21 @@ def run_row(spec: dict) -> dict:
     for name, (text, windows) in texts.items():
         q = measure_quality(model, eval_windows(loaded.tokenizer, text, EVAL_SEQLEN, windows), dense, name)
         row["quality"][name] = q.as_dict()
+    if spec.get("latency"):
+        row["latency"] = onnx_latency(model)
     return row
+
+
+def onnx_latency(model) -> dict:
+    """fp32 ONNX export of the row's model, timed with ONNX Runtime in a separate process."""
+    import tempfile
+
+    from prunekit.exporters.latency import measure_in_subprocess
+    from prunekit.exporters.onnx import export_onnx, onnx_bytes
+
+    with tempfile.TemporaryDirectory() as scratch:
+        path = export_onnx(model, Path(scratch) / "model.onnx")
+        return {"bytes": onnx_bytes(path), **measure_in_subprocess(path)}
 
 
 def run_rows(specs: list[dict], out_json: Path) -> list[dict]:

@@ -36,19 +36,29 @@ def sample_windows(ids: torch.Tensor, n_samples: int, seqlen: int, seed: int, so
 @torch.no_grad()
 def self_generated_ids(model, tokenizer, n_samples: int, seqlen: int, seed: int,
                        progress: bool = True, batch_size: int = 32) -> torch.Tensor:
-    """Self-calibration (Williams et al. 2024): sample text from the model itself, starting at the
-    beginning-of-sequence token, for users with no in-domain data."""
+    """Self-calibration (Williams et al. 2024): sample text from the model itself (temperature 1,
+    seeded), starting at the beginning-of-sequence token, for users with no in-domain data.
+
+    A plain sampling loop over the KV cache: `generate()` spends seconds per step on its logits
+    processors here, and this keeps the seed's effect obvious."""
     from tqdm import tqdm
 
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
     samples = []
-    for first in tqdm(range(0, n_samples, batch_size), desc="self-calibration", unit="batch",
-                      disable=not progress, leave=False):
+    bar = tqdm(total=n_samples * (seqlen - 1), desc="self-calibration", unit="tok", disable=not progress,
+               leave=False)
+    for first in range(0, n_samples, batch_size):
         count = min(batch_size, n_samples - first)
-        prompt = torch.full((count, 1), start, dtype=torch.long)
-        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True,
-                             top_k=0, top_p=1.0, temperature=1.0, max_new_tokens=seqlen - 1,
-                             min_new_tokens=seqlen - 1, pad_token_id=start)
-        samples.append(out[:, :seqlen])
+        ids = torch.full((count, 1), start, dtype=torch.long)
+        out = model(ids, use_cache=True)
+        cache = getattr(out, "cache", None) or out.past_key_values
+        for _ in range(seqlen - 1):
+            probs = torch.softmax(out.logits[:, -1].float(), dim=-1)
+            token = torch.multinomial(probs, 1, generator=generator)
+            ids = torch.cat([ids, token], dim=1)
+            out = model(token, cache=cache, use_cache=True)
+            bar.update(count)
+        samples.append(ids)
+    bar.close()
     return torch.cat(samples)

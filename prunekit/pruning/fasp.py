@@ -84,6 +84,7 @@ class FaspPruner:
     restore: bool = True
     held_out_fraction: float = 0.125
     lambdas: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0)
+    score: str = "activation"  # "weight": the magnitude-norm baseline, blind to activations
     _digest: "hashlib._Hash" = field(default_factory=hashlib.sha256, repr=False)
     _restoration: list = field(default_factory=list, repr=False)
     _config: object = field(default=None, repr=False)
@@ -96,6 +97,8 @@ class FaspPruner:
         if self.granularity not in GRANULARITIES:
             raise UserInputError(f"granularity '{self.granularity}' is not valid: use "
                                  f"{' or '.join(GRANULARITIES)}")
+        if self.score not in ("activation", "weight"):
+            raise UserInputError(f"score '{self.score}' is not valid: use activation or weight")
         if not self.restore:
             self.held_out_fraction = 0.0
 
@@ -142,6 +145,10 @@ class FaspPruner:
             info["attention"] = self._prune_heads(attention, arch, config, o_stats, widths["kv_heads"])
         return info
 
+    def _scores(self, weight: torch.Tensor, stats: InputStats) -> torch.Tensor:
+        norm = stats.norm.to(weight.device) if self.score == "activation" else torch.ones(weight.shape[1])
+        return column_scores(weight.float(), norm)
+
     def _refit(self, consumer: nn.Linear, keep: torch.Tensor, stats: InputStats):
         if not self.restore:
             return consumer.weight.data[:, keep], {"lambda": None, "reason": "restoration off"}
@@ -153,7 +160,7 @@ class FaspPruner:
 
     def _prune_mlp(self, mlp, arch, stats: InputStats, kept: int) -> dict:
         down = mlp.get_submodule(arch.down)
-        scores = column_scores(down.weight.data.float(), stats.norm.to(down.weight.device))
+        scores = self._scores(down.weight.data, stats)
         keep = torch.sort(torch.topk(scores, kept).indices).values
         weight, info = self._refit(down, keep, stats)
         setattr(mlp, arch.gate, shrink_linear(mlp.get_submodule(arch.gate), rows=keep))
@@ -168,7 +175,7 @@ class FaspPruner:
         if v_dim >= old_dim:
             return {"value_head_dim": old_dim}
         o = attention.get_submodule(arch.o)
-        col = column_scores(o.weight.data.float(), stats.norm.to(o.weight.device)).reshape(heads, old_dim)
+        col = self._scores(o.weight.data, stats).reshape(heads, old_dim)
         group = heads // kv_heads
         # A value channel of kv head g feeds the same dim of every query head of group g.
         per_kv = col.reshape(kv_heads, group, old_dim).sum(1)
@@ -191,7 +198,7 @@ class FaspPruner:
             return {"kv_heads": current_kv}
         group = heads // kv_heads
         o = attention.get_submodule(arch.o)
-        col = column_scores(o.weight.data.float(), stats.norm.to(o.weight.device))
+        col = self._scores(o.weight.data, stats)
         per_kv = col.reshape(current_kv, group * head_dim).sum(1)
         keep_kv = torch.sort(torch.topk(per_kv, kept_kv).indices).values
         dims = torch.arange(head_dim)
