@@ -26,8 +26,14 @@ def _cpu_onnx(context) -> ExportOutcome:
     return build(context)
 
 
+def _coreml(context) -> ExportOutcome:
+    from prunekit.targets.coreml_iphone import build
+
+    return build(context)
+
+
 # runtime -> callable(context) -> ExportOutcome
-BACKENDS: dict[str, Callable] = {"onnxruntime": _cpu_onnx}
+BACKENDS: dict[str, Callable] = {"onnxruntime": _cpu_onnx, "coreml": _coreml}
 
 
 def export_for(runtime: str, context) -> ExportOutcome:

@@ -1,0 +1,76 @@
+"""coreml-iphone13 back end: .mlpackage (fp16, INT8 weights), inspected on Linux, latency estimated."""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from prunekit.errors import PrunekitError
+from prunekit.estimate import estimate_latency, model_cost
+from prunekit.exporters.coreml import (check_package, convert_coreml, inspect_package, package_bytes,
+                                       predict_check, quantize_int8, reference_check)
+from prunekit.targets import ExportOutcome
+
+MAX_LENGTH = 512  # KV cache positions in the package's state
+
+
+def _weight_bytes(package: Path) -> int:
+    return sum(p.stat().st_size for p in Path(package).rglob("weight*.bin"))
+
+
+def build(context) -> ExportOutcome:
+    profile, plan, stage = context["profile"], context["plan"], Path(context["stage"])
+    pruned, dense, probe = context["model"], context.get("dense"), context["probe_tokens"]
+    quiet = context.get("quiet")
+    say = (lambda m: None) if quiet else (lambda m: print(f"[prunekit] {m}", file=sys.stderr, flush=True))
+    timings, checks, variants = {}, {}, []
+    int8 = plan.precision == "int8"
+    peak = profile.peak_tflops["fp16"]
+    with tempfile.TemporaryDirectory(prefix="prunekit-coreml-") as scratch:
+        scratch = Path(scratch)
+        start = time.perf_counter()
+        checks["reference"] = reference_check(pruned, probe, MAX_LENGTH)
+        if not checks["reference"]["passed"]:
+            raise PrunekitError(f"the Core ML export wrapper changes the model's output: {checks['reference']}")
+        say("converting the pruned model to Core ML (torch.export + coremltools)")
+        fp16 = convert_coreml(pruned, MAX_LENGTH, profile.deployment_target or "iOS18")
+        timings["convert_coreml"] = time.perf_counter() - start
+        candidates = []
+        if dense is not None:
+            start = time.perf_counter()
+            say("converting the dense model for size and estimate")
+            dense_path = scratch / "dense-fp16.mlpackage"
+            convert_coreml(dense, MAX_LENGTH).save(str(dense_path))
+            candidates.append(("dense fp16", dense_path, dense))
+            timings["convert_dense_reference"] = time.perf_counter() - start
+        pruned_fp16 = scratch / "pruned-fp16.mlpackage"
+        fp16.save(str(pruned_fp16))
+        candidates.append(("pruned fp16", pruned_fp16, pruned))
+        shipped = stage / "model.mlpackage"
+        if int8:
+            start = time.perf_counter()
+            say("quantizing weights to INT8 (coremltools.optimize, per-channel)")
+            quantize_int8(fp16).save(str(shipped))
+            timings["quantize"] = time.perf_counter() - start
+            candidates.append(("pruned int8", shipped, pruned))
+        else:
+            fp16.save(str(shipped))
+        info = inspect_package(shipped)
+        checks["package"] = {**check_package(info, 2 * pruned.config.num_hidden_layers, int8),
+                             "spec": {k: info[k] for k in ("specification_version", "inputs", "outputs")},
+                             "states": len(info["states"]), "int8_weight_tensors": info["int8_weight_tensors"]}
+        if not checks["package"]["passed"]:
+            raise PrunekitError(f"the saved Core ML package is not what was asked: {checks['package']}")
+        checks["prediction"] = predict_check(shipped, pruned, probe)
+        for name, path, model in candidates:
+            estimate = estimate_latency(model_cost(model), _weight_bytes(path), peak, profile.memory_bandwidth_gbs)
+            variants.append({"name": name, "bytes": package_bytes(path), "weight_bytes": _weight_bytes(path),
+                             **estimate})
+    latency = {"basis": "estimated", "device": profile.device_name, "peak_tflops_fp16": peak,
+               "memory_bandwidth_gbs": profile.memory_bandwidth_gbs, "shipped": variants[-1]["name"],
+               "formula": variants[-1]["formula"],
+               "why": "Core ML runs only on Apple hardware; this is a roofline from the profile's "
+                      "datasheet figures (a lower bound), not a measurement"}
+    return ExportOutcome("written", None, variants, latency, checks, timings)

@@ -1,0 +1,96 @@
+"""coreml-iphone13: package inspection, the estimate's arithmetic, the Linux prediction skip."""
+
+import builtins
+import platform
+
+import pytest
+import torch
+
+from prunekit.errors import MissingExtraError
+from prunekit.estimate import ModelCost, estimate_latency, model_cost, roofline
+from prunekit.exporters.coreml import (check_package, convert_coreml, inspect_package, predict_check,
+                                       quantize_int8, reference_check)
+
+from conftest import make_tiny_llama
+
+
+@pytest.fixture(scope="module")
+def packages(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("coreml")
+    model = make_tiny_llama()
+    fp16 = convert_coreml(model, max_length=64)
+    fp16.save(str(folder / "fp16.mlpackage"))
+    quantize_int8(fp16).save(str(folder / "int8.mlpackage"))
+    return model, folder
+
+
+def test_package_spec(packages):
+    model, folder = packages
+    info = inspect_package(folder / "int8.mlpackage")
+    assert info["specification_version"] == 9  # iOS 18
+    assert info["inputs"]["input_ids"]["dtype"] == "INT32"
+    assert info["inputs"]["input_ids"]["ranges"] == [(1, 1), (1, 63)]
+    assert info["inputs"]["causal_mask"]["ranges"][2:] == [(1, 63), (1, 63)]
+    assert set(info["outputs"]) == {"logits"}
+    assert len(info["states"]) == 4 and info["states"]["key_cache_0"]["shape"] == [1, 3, 64, 8]
+    assert info["int8_weight_tensors"] >= 8  # weights under 2048 values stay fp16
+    assert check_package(info, expected_states=4, int8=True)["passed"]
+    fp16 = inspect_package(folder / "fp16.mlpackage")
+    assert fp16["int8_weight_tensors"] == 0 and check_package(fp16, 4, int8=False)["passed"]
+    assert not check_package(fp16, 4, int8=True)["passed"]
+
+
+def test_reference_check_compares_the_converted_source(packages):
+    model, _ = packages
+    tokens = torch.randint(3, 300, (12,))
+    assert reference_check(model, tokens, 64)["passed"]
+
+
+@pytest.mark.skipif(platform.system() == "Darwin", reason="on macOS the prediction runs")
+def test_prediction_is_skipped_clearly_on_linux(packages):
+    model, folder = packages
+    result = predict_check(folder / "int8.mlpackage", model, torch.randint(3, 300, (8,)))
+    assert result["status"] == "skipped" and "only on macOS" in result["reason"]
+
+
+def test_roofline_by_hand():
+    # 2 GFLOP on 1 TFLOP/s = 2 ms compute; 100 MB at 50 GB/s = 2 ms memory -> ties go to compute
+    r = roofline(2e9, 100e6, 1.0, 50.0)
+    assert r["compute_ms"] == pytest.approx(2.0) and r["memory_ms"] == pytest.approx(2.0)
+    assert r["ms"] == pytest.approx(2.0)
+
+
+def test_estimate_by_hand():
+    cost = ModelCost(linear_flops_per_token=2e8, attention_flops_per_context_token=1e4, kv_values_per_token=1000)
+    est = estimate_latency(cost, weight_bytes=100_000_000, peak_tflops=10.0, bandwidth_gbs=50.0,
+                           prompt_tokens=100, decode_context=200)
+    # decode: bytes = 1e8 + 200 * 1000 * 2 = 100.4 MB -> 2.008 ms; FLOPs 2e8 + 2e6 -> 0.0202 ms
+    assert est["decode"]["bound"] == "memory" and est["decode_ms"] == pytest.approx(2.008)
+    # prefill: FLOPs = 100 * (2e8 + 1e4 * 50.5) = 2.00505e10 -> 2.00505 ms; bytes 100.2 MB -> 2.004 ms
+    assert est["prefill"]["bound"] == "compute" and est["prefill_ms"] == pytest.approx(2.00505)
+    sparse = estimate_latency(cost, 100_000_000, 10.0, 50.0, 100, 200, gemm_speedup=2.0)
+    assert sparse["prefill"]["bound"] == "memory" and sparse["decode_ms"] == pytest.approx(2.008)
+
+
+def test_model_cost_counts_pruned_shapes():
+    model = make_tiny_llama()
+    cost = model_cost(model)
+    linear = 2 * 2 * (72 * 72 + 2 * 72 * 24 + 72 * 72 + 3 * 72 * 96) + 2 * 320 * 72
+    assert cost.linear_flops_per_token == linear
+    assert cost.kv_values_per_token == 2 * 3 * (8 + 8)
+
+
+def test_missing_coremltools_names_the_extra(monkeypatch):
+    import prunekit.exporters.coreml as coreml
+
+    real_import = builtins.__import__
+
+    def no_coremltools(name, *args, **kwargs):
+        if name.startswith("coremltools"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_coremltools)
+    with pytest.raises(MissingExtraError) as info:
+        coreml._coremltools()
+    assert "pip install 'prunekit[coreml]'" in str(info.value)
