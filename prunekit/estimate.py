@@ -53,21 +53,22 @@ def roofline(flops: float, bytes_moved: float, peak_tflops: float, bandwidth_gbs
 
 def estimate_latency(cost: ModelCost, weight_bytes: int, peak_tflops: float, bandwidth_gbs: float,
                      prompt_tokens: int = 128, decode_context: int = 160, kv_bytes_per_value: int = 2,
-                     gemm_speedup: float = 1.0) -> dict:
+                     gemm_speedup: float = 1.0, batch: int = 1) -> dict:
     """Prefill of ``prompt_tokens`` and one decode step at ``decode_context`` cached tokens.
 
     Prefill: weights are read once, FLOPs scale with the prompt (linear work divided by
     ``gemm_speedup``, e.g. 2:4 sparse tensor cores). Decode: every weight byte and the KV cache
     are read for one token; at batch 1 memory dominates, so sparsity of the math barely helps."""
     avg_context = (prompt_tokens + 1) / 2
-    prefill_flops = prompt_tokens * (cost.linear_flops_per_token / gemm_speedup
-                                     + cost.attention_flops_per_context_token * avg_context)
-    prefill_bytes = weight_bytes + prompt_tokens * cost.kv_values_per_token * kv_bytes_per_value
-    decode_flops = cost.linear_flops_per_token / gemm_speedup + cost.attention_flops_per_context_token * decode_context
-    decode_bytes = weight_bytes + decode_context * cost.kv_values_per_token * kv_bytes_per_value
+    prefill_flops = batch * prompt_tokens * (cost.linear_flops_per_token / gemm_speedup
+                                             + cost.attention_flops_per_context_token * avg_context)
+    prefill_bytes = weight_bytes + batch * prompt_tokens * cost.kv_values_per_token * kv_bytes_per_value
+    decode_flops = batch * (cost.linear_flops_per_token / gemm_speedup
+                            + cost.attention_flops_per_context_token * decode_context)
+    decode_bytes = weight_bytes + batch * decode_context * cost.kv_values_per_token * kv_bytes_per_value
     prefill = roofline(prefill_flops, prefill_bytes, peak_tflops, bandwidth_gbs)
     decode = roofline(decode_flops, decode_bytes, peak_tflops, bandwidth_gbs)
-    return {"prefill_ms": prefill["ms"], "decode_ms": decode["ms"], "tokens_per_s": 1e3 / decode["ms"],
+    return {"prefill_ms": prefill["ms"], "decode_ms": decode["ms"], "tokens_per_s": batch * 1e3 / decode["ms"],
             "prefill": prefill, "decode": decode, "prompt_tokens": prompt_tokens,
-            "decode_context": decode_context,
+            "decode_context": decode_context, "batch": batch, "gemm_speedup": gemm_speedup,
             "formula": "phase ms = max(FLOPs / peak, bytes moved / bandwidth); decode bytes = weights + KV cache"}

@@ -113,7 +113,8 @@ def verify_export(path: Path, model: torch.nn.Module, tokens: torch.Tensor, new_
     return checks
 
 
-def quantize_int8(src: Path, dst: Path, flavour: str = "weight-only", exclude: list[str] | None = None) -> Path:
+def quantize_int8(src: Path, dst: Path, flavour: str = "weight-only", exclude: list[str] | None = None,
+                  calibration: list[torch.Tensor] | None = None) -> Path:
     """INT8 with ONNX Runtime. weight-only: MatMulNBits (8-bit, block 32), nearly lossless on this
     model family; dynamic: W8A8 MatMulInteger (activation outliers into down_proj cost quality, so
     down_proj and lm_head are kept in fp32 unless ``exclude`` says otherwise); qdq: static QDQ."""
@@ -135,12 +136,44 @@ def quantize_int8(src: Path, dst: Path, flavour: str = "weight-only", exclude: l
         model = onnx.load(str(src))
         if exclude is None:
             exclude = [n.name for n in model.graph.node if n.op_type == "MatMul"
-                       and any(k in n.name for k in ("down_proj", "lm_head"))]
+                       and (_scope_has(n, ("down_proj",)) or "logits" in n.output)]
         quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
                          nodes_to_exclude=exclude, use_external_data_format=True,
                          extra_options={"MatMulConstBOnly": True})
         return dst
+    if flavour == "qdq":
+        return quantize_qdq(src, dst, calibration or [])
     raise ValueError(f"unknown INT8 flavour {flavour}: use one of {', '.join(INT8_FLAVOURS)}")
+
+
+def quantize_qdq(src: Path, dst: Path, calibration: list[torch.Tensor]) -> Path:
+    """Static INT8 as explicit QuantizeLinear/DequantizeLinear pairs: per-channel symmetric weights,
+    symmetric activations calibrated on ``calibration`` token windows (what TensorRT needs to build
+    INT8 with no calibrator of its own)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    runner = OnnxDecoder(src)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.feeds = iter([{"input_ids": w.numpy()[None].astype(np.int64),
+                                **dict(zip(runner.past_names, runner.empty_cache()))} for w in calibration])
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    if not calibration:
+        raise ValueError("static QDQ needs calibration windows")
+    quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"],
+                    per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                    use_external_data_format=True,
+                    extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "MatMulConstBOnly": True})
+    return dst
+
+
+def _scope_has(node, words) -> bool:
+    scope = " ".join(p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes")
+    return any(w in scope for w in words)
 
 
 def onnx_bytes(path: Path) -> int:

@@ -32,8 +32,14 @@ def _coreml(context) -> ExportOutcome:
     return build(context)
 
 
+def _tensorrt(context) -> ExportOutcome:
+    from prunekit.targets.tensorrt_sparse import build
+
+    return build(context)
+
+
 # runtime -> callable(context) -> ExportOutcome
-BACKENDS: dict[str, Callable] = {"onnxruntime": _cpu_onnx, "coreml": _coreml}
+BACKENDS: dict[str, Callable] = {"onnxruntime": _cpu_onnx, "coreml": _coreml, "tensorrt": _tensorrt}
 
 
 def export_for(runtime: str, context) -> ExportOutcome:

@@ -1,0 +1,61 @@
+"""Checks that the GEMM weights an engine will see still obey N:M after export and INT8.
+
+ONNX stores a Linear's weight as MatMul input B, shaped (in, out): the N:M groups run along the
+input axis, i.e. down B's columns. For QDQ graphs the int8 initializer behind DequantizeLinear is
+checked (symmetric quantization maps 0 to 0, so a kept pattern stays visible there)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import numpy as np
+
+
+def _scope(node) -> str:
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            scopes = [s for s in ast.literal_eval(prop.value) if s]
+            return scopes[-2] if len(scopes) > 1 else (scopes[0] if scopes else node.name)
+    return node.name
+
+
+def gemm_weights(path: Path) -> dict[str, np.ndarray]:
+    """Constant GEMM weights by module name (e.g. layers.3.mlp.down_proj), as (out, in)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    inits = {i.name: i for i in model.graph.initializer}
+    producers = {out: n for n in model.graph.node for out in n.output}
+    weights = {}
+    for node in model.graph.node:
+        if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
+            continue
+        source = node.input[1]
+        producer = producers.get(source)
+        if producer is not None and producer.op_type == "DequantizeLinear":
+            source = producer.input[0]
+        if source not in inits:
+            continue
+        array = numpy_helper.to_array(inits[source])
+        weights[_scope(node)] = array.T if node.op_type == "MatMul" else array
+    return weights
+
+
+def nm_report(weights: dict[str, np.ndarray], n: int = 2, m: int = 4, only=("layers.",)) -> dict:
+    """Per pruned GEMM: groups checked and groups breaking N:M; the names of the failing ones."""
+    layers, failing = {}, []
+    for name, w in weights.items():
+        if not any(name.startswith(p) for p in only):
+            continue
+        rows, cols = w.shape
+        if cols % m:
+            bad = rows * (cols // m + 1)
+        else:
+            bad = int(((w.reshape(rows, cols // m, m) != 0).sum(-1) > n).sum())
+        layers[name] = {"groups": rows * (cols // m), "bad_groups": bad}
+        if bad:
+            failing.append(name)
+    return {"pattern": f"{n}:{m}", "checked": len(layers), "passed": bool(layers) and not failing,
+            "failing": failing, "layers": layers}

@@ -1,0 +1,76 @@
+"""a100/h100-tensorrt-sparse: 2:4 kept through ONNX export and INT8 QDQ; build script; estimate."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from prunekit.cli import deploy_main
+from prunekit.exporters.onnx import export_onnx, quantize_int8
+from prunekit.exporters.onnx_sparsity import gemm_weights, nm_report
+from prunekit.exporters.tensorrt import tensorrt_available
+from prunekit.models import LoadedModel
+from prunekit.pruning.run import prune
+
+from conftest import CORPUS, make_tiny_llama
+
+
+@pytest.fixture(scope="module")
+def sparse_onnx(tmp_path_factory, tokenizer):
+    folder = tmp_path_factory.mktemp("trt")
+    loaded = LoadedModel(make_tiny_llama(), tokenizer, "tiny")
+    ids = torch.randint(3, 300, (16, 32), generator=torch.Generator().manual_seed(0))
+    prune(loaded, "wanda", 0.5, "2:4", calib_ids=ids, progress=False)
+    path = export_onnx(loaded.model, folder / "fp32" / "model.onnx")
+    return path, ids, folder
+
+
+def test_pattern_survives_export_and_qdq(sparse_onnx):
+    path, ids, folder = sparse_onnx
+    report = nm_report(gemm_weights(path))
+    assert report["passed"] and report["checked"] == 14
+    qdq = quantize_int8(path, folder / "qdq" / "model.onnx", "qdq", calibration=list(ids[:4]))
+    after = nm_report(gemm_weights(qdq))
+    assert after["passed"] and after["checked"] == 14
+
+
+def test_a_broken_group_fails_and_names_the_tensor(sparse_onnx):
+    path, _, _ = sparse_onnx
+    weights = gemm_weights(path)
+    broken = weights["layers.1.mlp.up_proj"].copy()
+    broken[5, 0:4] = 1.0  # four non-zeros in one group of four
+    weights["layers.1.mlp.up_proj"] = broken
+    report = nm_report(weights)
+    assert not report["passed"] and report["failing"] == ["layers.1.mlp.up_proj"]
+    assert report["layers"]["layers.1.mlp.up_proj"]["bad_groups"] == 1
+
+
+def test_dense_export_fails_the_check(tmp_path):
+    report = nm_report(gemm_weights(export_onnx(make_tiny_llama(), tmp_path / "model.onnx")))
+    assert not report["passed"] and len(report["failing"]) == 14
+
+
+def test_deploy_a100_writes_onnx_script_and_estimate(tmp_path, tokenizer):
+    folder = tmp_path / "tiny"
+    make_tiny_llama().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (tmp_path / "eval.txt").write_text(CORPUS[::-1])
+    out = tmp_path / "out"
+    code = deploy_main(["--target", "a100-tensorrt-sparse", "--model", str(folder), "--out", str(out),
+                        "--calib-samples", "4", "--calib-seqlen", "16", "--eval", str(tmp_path / "eval.txt"),
+                        "--eval-seqlen", "16", "--eval-windows", "2", "--quiet"])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    checks = report["export"]["checks"]
+    assert checks["nm_after_export"]["passed"] and checks["nm_after_export"]["checked"] == 14
+    assert report["latency"]["basis"] == "estimated" and "batch 1" in report["latency"]["why"]
+    assert report["pruning"]["check"]["nm_ok"] is True
+    script = (out / "build_engine.sh").read_text()
+    assert "--sparsity=enable" in script and "--fp16" in script and "past_key_values.0.key" in script
+    assert (out / "onnx" / "model.onnx").is_file()
+    names = [v["name"] for v in report["variants"]]
+    assert names == ["dense fp16 batch 1", "pruned 2:4 fp16 batch 1", "dense fp16 batch 8", "pruned 2:4 fp16 batch 8"]
+    assert all(np.isfinite(v["decode_ms"]) for v in report["variants"])
+    available, _ = tensorrt_available()
+    assert available or (checks["engine"]["built"] is False and "build_engine.sh" in checks["engine"]["reason"])
