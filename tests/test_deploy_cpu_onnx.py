@@ -113,3 +113,14 @@ def test_tolerance_check_catches_changed_math(tmp_path):
         model.model.layers[0].mlp.down_proj.weight.mul_(1.5)  # PyTorch now differs from the file
     checks = verify_export(path, model, torch.randint(3, 300, (16,)))
     assert not checks["logits_within_tolerance"] and not checks["passed"]
+
+
+def test_export_command_turns_a_folder_into_onnx(tiny_folder, tmp_path, capsys):
+    from prunekit.cli import main
+
+    out = tmp_path / "exported"
+    assert main(["export", "--target", "cpu-onnx", "--model", str(tiny_folder), "--out", str(out),
+                 "--no-int8", "--quiet"]) == 0
+    assert (out / "onnx" / "model.onnx").is_file()
+    assert "written" in capsys.readouterr().out
+    assert main(["export", "--target", "cpu-onnx", "--model", str(tmp_path / "nope"), "--out", str(out)]) == 2

@@ -30,7 +30,7 @@ def _coremltools():
 
 
 def convert_coreml(model: torch.nn.Module, max_length: int = 512, deployment_target: str = "iOS18"):
-    """An fp16 ML Program: input_ids (1, n) int32 and causal_mask (1, 1, n, past + n) fp16 in,
+    """An fp16 ML Program: input_ids (1, n) int32 and causal_mask (1, 1, n, past + n) fp32 in,
     logits (1, n, vocab) out, key_cache_i / value_cache_i as state."""
     ct = _coremltools()
     if deployment_target not in DEPLOYMENT_TARGETS:
@@ -126,7 +126,7 @@ def predict_check(path: Path, model: torch.nn.Module, tokens: torch.Tensor) -> d
     state = mlmodel.make_state()
     n = tokens.numel()
     out = mlmodel.predict({"input_ids": tokens[None].numpy().astype(np.int32),
-                           "causal_mask": causal_mask(n, 0, torch.float32)[None, None].numpy().astype(np.float16)},
+                           "causal_mask": causal_mask(n, 0, torch.float32)[None, None].numpy()},
                           state=state)
     with torch.no_grad():
         reference = model(tokens[None], use_cache=False).logits.numpy()
