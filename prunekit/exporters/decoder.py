@@ -110,7 +110,8 @@ class StatefulDecoder(PlainDecoder):
     the app builds it, which also tells the model how long the cache already is."""
 
     def __init__(self, model: nn.Module, max_length: int):
-        super().__init__(model)
+        # Core ML's quantizer handles the shared embedding / lm_head weight: keep it once.
+        super().__init__(model, untie_lm_head=False)
         self.max_length = max_length
         for i, shape in enumerate(self.cache_shapes(1, max_length)):
             kind = "key" if i % 2 == 0 else "value"
