@@ -10,7 +10,8 @@ from pathlib import Path
 
 from prunekit.checkpoint import save_checkpoint
 from prunekit.errors import QualityGateFailed, UserInputError
-from prunekit.evaluation import eval_windows, evaluate_texts, parse_eval_spec
+from prunekit.evaluation import eval_windows as token_windows
+from prunekit.evaluation import evaluate_texts, parse_eval_spec
 from prunekit.models import load_model
 from prunekit.outputs import check_output, staged_output
 from prunekit.plan import make_plan
@@ -62,7 +63,7 @@ def export_context(profile, plan, model, dense, tokenizer, stage, eval_spec, eva
 
 
 def eval_windows_for(tokenizer, spec, seqlen, max_windows):
-    return eval_windows(tokenizer, read_text(spec.source, "evaluation"), seqlen, max_windows)
+    return token_windows(tokenizer, read_text(spec.source, "evaluation"), seqlen, max_windows)
 
 
 def deploy(target: str, model: str | None = None, out: str | Path | None = None, force: bool = False,
