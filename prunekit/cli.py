@@ -89,9 +89,9 @@ def _deploy_parser(prog="deploy"):
     _add_pruning(p)
     p.add_argument("--int8", dest="int8", action="store_true", default=None, help="quantize to INT8")
     p.add_argument("--no-int8", dest="int8", action="store_false", help="keep float weights")
-    p.add_argument("--int8-flavour", choices=("weight-only", "dynamic"), default="weight-only",
-                   help="ONNX INT8: weight-only (default, near-lossless) or dynamic W8A8 (down_proj and "
-                        "lm_head kept fp32)")
+    p.add_argument("--int8-flavour", choices=("weight-only", "dynamic", "qdq"), default="weight-only",
+                   help="ONNX INT8: weight-only (default, near-lossless), dynamic W8A8 (down_proj and "
+                        "lm_head kept fp32) or qdq (static, calibrated on the evaluation windows' first 8)")
     _add_eval(p)
     p.add_argument("--max-ppl-increase", type=float, metavar="PCT",
                    help="quality gate: exit 3 if perplexity rises more than PCT percent")

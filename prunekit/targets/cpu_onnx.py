@@ -40,7 +40,8 @@ def build(context) -> ExportOutcome:
         if plan.precision == "int8":
             start = time.perf_counter()
             _say(context, f"quantizing to INT8 ({flavour})")
-            shipped = quantize_int8(pruned_fp32, scratch / "pruned-int8" / "model.onnx", flavour)
+            shipped = quantize_int8(pruned_fp32, scratch / "pruned-int8" / "model.onnx", flavour,
+                                    calibration=list(windows[:8]))
             timings["quantize"] = time.perf_counter() - start
             runner = OnnxDecoder(shipped)
             checks["pruned_int8"] = {"kv_cache_io": len(runner.past_names) == len(runner.present_names) > 0,
