@@ -60,7 +60,7 @@ class InputStats:
 class BlockPruner(Protocol):
     """What a method tells the engine: which statistics it needs, and how it prunes one block."""
 
-    needs_gram: bool
+    needs_gram: bool  # XᵀX for the groups named in gram_groups (all groups if that is None)
     held_out_fraction: float
 
     def prune_block(self, index: int, block: nn.Module, linears: dict[str, nn.Linear],
@@ -150,9 +150,11 @@ def prune_layerwise(model, input_ids: torch.Tensor, pruner: BlockPruner, batch_s
         block = layers[index].to(device)
         linears = {name: block.get_submodule(name) for members in groups.values() for name in members}
         stats, handles, current = {}, [], {"held": False}
+        wanted = getattr(pruner, "gram_groups", None)
         for leader, members in groups.items():
             module = linears[leader]
-            group_stats = InputStats(module.in_features, pruner.needs_gram)
+            gram = pruner.needs_gram and (wanted is None or leader in wanted)
+            group_stats = InputStats(module.in_features, gram)
             for name in members:
                 stats[name] = group_stats
             handles.append(module.register_forward_pre_hook(

@@ -93,6 +93,12 @@ class FaspPruner:
     def needs_gram(self) -> bool:
         return self.restore
 
+    @property
+    def gram_groups(self) -> set[str]:
+        """Only the consuming layers are refit: o_proj and down_proj inputs need XᵀX."""
+        arch = architecture_for(self._config)  # set by validate(), which runs before any work
+        return {f"{arch.attention}.{arch.o}", f"{arch.mlp}.{arch.down}"}
+
     def __post_init__(self):
         if self.granularity not in GRANULARITIES:
             raise UserInputError(f"granularity '{self.granularity}' is not valid: use "
