@@ -46,11 +46,11 @@ def restore_columns(weight: torch.Tensor, keep: torch.Tensor, gram: torch.Tensor
 
     Each λ (relative to the mean of diag G[S,S]) and "no refit" are scored on held-out tokens; the
     best wins, so the refit never makes the layer worse than the cut alone on unseen tokens."""
-    W = weight.detach().to(torch.float64)
+    W = weight.detach().cpu().to(torch.float64)  # statistics live on the CPU
     G = gram.to(torch.float64)
     cut = W[:, keep]
     if held_gram is None or held_gram.abs().sum() == 0:
-        return cut.to(weight.dtype), {"lambda": None, "reason": "no held-out tokens"}
+        return cut.to(weight.device, weight.dtype), {"lambda": None, "reason": "no held-out tokens"}
     Gh = held_gram.to(torch.float64)
     target = torch.einsum("ij,jk,ik->", W, Gh, W)
 
@@ -72,7 +72,7 @@ def restore_columns(weight: torch.Tensor, keep: torch.Tensor, gram: torch.Tensor
             best, best_error, best_lambda = candidate, error, lam
     info = {"lambda": best_lambda,
             "heldout_error_vs_cut": round(best_error / cut_error, 4) if cut_error > 0 else 1.0}
-    return best.to(weight.dtype), info
+    return best.to(weight.device, weight.dtype), info
 
 
 @dataclass
@@ -152,12 +152,12 @@ class FaspPruner:
         return info
 
     def _scores(self, weight: torch.Tensor, stats: InputStats) -> torch.Tensor:
-        norm = stats.norm.to(weight.device) if self.score == "activation" else torch.ones(weight.shape[1])
-        return column_scores(weight.float(), norm)
+        norm = stats.norm if self.score == "activation" else torch.ones(weight.shape[1])
+        return column_scores(weight.float().cpu(), norm)  # indices are built on the CPU
 
     def _refit(self, consumer: nn.Linear, keep: torch.Tensor, stats: InputStats):
         if not self.restore:
-            return consumer.weight.data[:, keep], {"lambda": None, "reason": "restoration off"}
+            return consumer.weight.data[:, keep.to(consumer.weight.device)], {"lambda": None, "reason": "restoration off"}
         return restore_columns(consumer.weight.data, keep, stats.gram, stats.held_gram, self.lambdas)
 
     def _record(self, kind: str, keep: torch.Tensor, info: dict):

@@ -22,9 +22,10 @@ def shrink_linear(linear: nn.Linear, rows: torch.Tensor | None = None, cols: tor
     """A new Linear keeping the given output rows / input columns (or taking ``weight``)."""
     w = linear.weight.data
     if rows is not None:
+        rows = rows.to(w.device)
         w = w[rows]
     if cols is not None:
-        w = w[:, cols]
+        w = w[:, cols.to(w.device)]
     if weight is not None:
         w = weight
     bias = linear.bias
