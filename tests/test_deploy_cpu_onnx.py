@@ -124,3 +124,15 @@ def test_export_command_turns_a_folder_into_onnx(tiny_folder, tmp_path, capsys):
     assert (out / "onnx" / "model.onnx").is_file()
     assert "written" in capsys.readouterr().out
     assert main(["export", "--target", "cpu-onnx", "--model", str(tmp_path / "nope"), "--out", str(out)]) == 2
+
+
+def test_eval_command_reports_each_language(tiny_folder, tmp_path, capsys):
+    from prunekit.cli import main
+
+    (tmp_path / "sw.txt").write_text("zq xv kj wq pz vv qq jj kk zz " * 40)
+    assert main(["eval", "--model", str(tiny_folder), "--dense", str(tiny_folder), "--eval",
+                 f"en={tiny_folder.parent / 'eval.txt'}", "--eval", f"sw={tmp_path / 'sw.txt'}",
+                 "--eval-seqlen", "16", "--eval-windows", "2", "--json", "--quiet"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert [r["language"] for r in results] == ["en", "sw"]
+    assert all(r["kl"] == pytest.approx(0, abs=1e-6) and r["top1"] == 1.0 for r in results)
