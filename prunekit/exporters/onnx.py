@@ -3,6 +3,7 @@ INT8 through ONNX Runtime's quantizers."""
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 
@@ -39,6 +40,8 @@ def export_onnx(model: torch.nn.Module, path: Path) -> Path:
     example = (torch.zeros(1, 4, dtype=torch.long), *decoder.empty_cache(1, 3))
     shapes = ({0: batch, 1: seq}, tuple({0: batch, 2: past_len} for _ in past_names))
     path.parent.mkdir(parents=True, exist_ok=True)
+    for name in ("onnx_ir", "onnxscript", "torch.onnx"):
+        logging.getLogger(name).setLevel(logging.WARNING)  # per-initializer INFO lines drown progress
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(decoder, example, str(path), input_names=["input_ids", *past_names],
