@@ -47,7 +47,18 @@ def measure(path: Path, prompt_tokens: int = 128, decode_tokens: int = 32, repea
             "decode_ms": decode_ms, "decode_p90_ms": 1000 * float(np.percentile(decode, 90)),
             "tokens_per_s": 1000 / decode_ms, "prompt_tokens": prompt_tokens,
             "decode_tokens": decode_tokens, "repeats": repeats, "threads": threads,
-            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}
+            "peak_rss_gb": peak_rss_gb()}
+
+
+def peak_rss_gb() -> float:
+    """This process's high-water RSS. Not ru_maxrss: Linux carries that across exec from the parent."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1e6  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
 
 
 def measure_in_subprocess(path: Path, **options) -> dict:
