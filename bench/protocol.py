@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -27,13 +26,10 @@ CALIB_SAMPLES, CALIB_SEQLEN, SEED = 128, 512, 0
 EVAL_SEQLEN, EVAL_WINDOWS, PYDOC_WINDOWS = 1024, 40, 16
 
 
-def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
-
-
 def run_row(spec: dict) -> dict:
     """Load, calibrate, prune (timed, RSS taken), then evaluate against the dense model."""
     from prunekit.calibration import calibration_ids
+    from prunekit.exporters.latency import peak_rss_gb
     from prunekit.evaluation import eval_windows, measure_quality
     from prunekit.models import load_model
     from prunekit.pruning.run import prune
