@@ -9,6 +9,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from prunekit.arch import block_linears, decoder_layers
 from prunekit.errors import PrunekitError
 from prunekit.estimate import estimate_latency, model_cost
 from prunekit.exporters.onnx import OnnxDecoder, export_onnx, onnx_bytes, quantize_int8, verify_export
@@ -79,8 +80,11 @@ def build(context) -> ExportOutcome:
                                                 batch=batch)})
         params = sum(p.numel() for p in pruned.parameters())
         speedup = profile.sparse_gemm_speedup if plan.pattern == "2:4" and profile.sparse_tensor_cores else 1.0
-        # 2:4 weights are stored compressed: half the values plus 2-bit indices per kept value.
-        stored = params * weight_bytes_per_value * (0.5 + 0.0625 if plan.pattern == "2:4" else 1.0)
+        # 2:4 GEMM weights are stored compressed (half the values plus 2-bit indices per kept value);
+        # embeddings, lm_head and norms stay dense.
+        sparse_params = sum(lin.weight.numel() for layer in decoder_layers(pruned)
+                            for lin in block_linears(pruned, layer).values()) if plan.pattern == "2:4" else 0
+        stored = weight_bytes_per_value * ((params - sparse_params) + sparse_params * (0.5 + 0.0625))
         variants.append({"name": f"pruned {plan.pattern} {precision} batch {batch}", "bytes": int(stored),
                          **estimate_latency(cost, stored, profile.peak_tflops[precision],
                                             profile.memory_bandwidth_gbs, gemm_speedup=speedup, batch=batch)})
