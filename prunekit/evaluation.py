@@ -89,10 +89,13 @@ def measure_quality(model, windows: torch.Tensor, dense=None, language: str = "d
     return quality
 
 
+def text_windows(tokenizer, spec: EvalText, seqlen: int, max_windows: int | None) -> torch.Tensor:
+    return eval_windows(tokenizer, read_text(spec.source, "evaluation"), seqlen, max_windows)
+
+
 def evaluate_texts(model, tokenizer, specs: list[EvalText], seqlen: int, max_windows: int | None,
-                   dense=None, progress: bool = False) -> list[Quality]:
-    results = []
-    for spec in specs:
-        windows = eval_windows(tokenizer, read_text(spec.source, "evaluation"), seqlen, max_windows)
-        results.append(measure_quality(model, windows, dense, spec.language, spec.source, progress))
-    return results
+                   dense=None, progress: bool = False, windows: list[torch.Tensor] | None = None) -> list[Quality]:
+    """``windows`` (one tensor per spec) skips reading and tokenizing the texts again."""
+    windows = windows or [text_windows(tokenizer, spec, seqlen, max_windows) for spec in specs]
+    return [measure_quality(model, w, dense, spec.language, spec.source, progress)
+            for spec, w in zip(specs, windows)]

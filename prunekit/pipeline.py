@@ -10,16 +10,15 @@ from pathlib import Path
 
 from prunekit.checkpoint import save_checkpoint
 from prunekit.errors import QualityGateFailed, UserInputError
-from prunekit.evaluation import eval_windows as token_windows
-from prunekit.evaluation import evaluate_texts, parse_eval_spec
+from prunekit.evaluation import evaluate_texts, parse_eval_spec, text_windows
 from prunekit.models import load_model
 from prunekit.outputs import check_output, staged_output
 from prunekit.plan import make_plan
 from prunekit.profile import load_profile
+from prunekit.progress import say
 from prunekit.pruning.run import prune
 from prunekit.report import SCHEMA, artifact_list, hardware, versions, write_report
 from prunekit.targets import export_for
-from prunekit.textsources import read_text
 
 
 @dataclass
@@ -30,11 +29,6 @@ class DeployResult:
     @property
     def gate_passed(self) -> bool:
         return self.report["gate"]["status"] != "failed"
-
-
-def _log(message: str, quiet: bool):
-    if not quiet:
-        print(f"[prunekit] {message}", file=sys.stderr, flush=True)
 
 
 def quality_gate(quality: list, max_ppl_increase: float | None, max_kl: float | None) -> dict:
@@ -52,18 +46,14 @@ def quality_gate(quality: list, max_ppl_increase: float | None, max_kl: float | 
             "max_kl": max_kl, "reason": "; ".join(misses) or None}
 
 
-def export_context(profile, plan, model, dense, tokenizer, stage, eval_spec, eval_seqlen, eval_windows,
-                   int8_flavour="weight-only", quiet=False) -> dict:
+def export_context(profile, plan, model, dense, stage, eval_spec, windows, int8_flavour="weight-only",
+                   quiet=False) -> dict:
     """What a back end needs: the model to ship, the dense reference, text to check quality on."""
-    windows = eval_windows_for(tokenizer, eval_spec, eval_seqlen, eval_windows)
+    eval_seqlen = windows.shape[1]
     return {"profile": profile, "plan": plan, "model": model, "dense": dense, "stage": stage,
             "eval_windows": windows, "eval_label": f"{eval_spec.language} ({eval_spec.source}), "
                                                   f"{len(windows)} x {eval_seqlen} tokens",
             "probe_tokens": windows[0][:32], "int8_flavour": int8_flavour, "quiet": quiet}
-
-
-def eval_windows_for(tokenizer, spec, seqlen, max_windows):
-    return token_windows(tokenizer, read_text(spec.source, "evaluation"), seqlen, max_windows)
 
 
 def deploy(target: str, model: str | None = None, out: str | Path | None = None, force: bool = False,
@@ -87,12 +77,12 @@ def deploy(target: str, model: str | None = None, out: str | Path | None = None,
 
     with staged_output(out, force) as stage:
         start = time.perf_counter()
-        _log(f"loading {model or 'the embedded default model'}", quiet)
+        say(f"loading {model or 'the embedded default model'}", quiet)
         loaded = load_model(model)
         dense = copy.deepcopy(loaded.model)
         timings["load"] = time.perf_counter() - start
 
-        _log(f"plan: {plan.method} {plan.pattern} sparsity {plan.sparsity:g}, {plan.precision}", quiet)
+        say(f"plan: {plan.method} {plan.pattern} sparsity {plan.sparsity:g}, {plan.precision}", quiet)
         options = ({"granularity": granularity, "channel_multiple": profile.preferred_channel_multiple}
                    if plan.method == "fasp" else {})
         result = prune(loaded, plan.method, plan.sparsity, plan.pattern,
@@ -108,13 +98,14 @@ def deploy(target: str, model: str | None = None, out: str | Path | None = None,
         timings["save"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        _log("evaluating quality against the dense model", quiet)
+        say("evaluating quality against the dense model", quiet)
+        windows = [text_windows(loaded.tokenizer, spec, eval_seqlen, eval_windows) for spec in eval_specs]
         quality = evaluate_texts(result.model, loaded.tokenizer, eval_specs, eval_seqlen, eval_windows,
-                                 dense=dense, progress=not quiet)
+                                 dense=dense, progress=not quiet, windows=windows)
         timings["evaluate"] = time.perf_counter() - start
 
-        context = export_context(profile, plan, result.model, dense, loaded.tokenizer, stage, eval_specs[0],
-                                 eval_seqlen, eval_windows, int8_flavour, quiet)
+        context = export_context(profile, plan, result.model, dense, stage, eval_specs[0], windows[0],
+                                 int8_flavour, quiet)
         start = time.perf_counter()
         export = export_for(profile.runtime, context)
         timings["export"] = time.perf_counter() - start
@@ -139,7 +130,7 @@ def deploy(target: str, model: str | None = None, out: str | Path | None = None,
         }
         report["artifacts"] = artifact_list(stage)
         write_report(report, stage)
-    _log(f"wrote {out}", quiet)
+    say(f"wrote {out}", quiet)
     deployed = DeployResult(out, report)
     if not deployed.gate_passed:
         raise QualityGateFailed(f"quality gate failed: {gate['reason']} (artifacts written to {out})")

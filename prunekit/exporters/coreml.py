@@ -57,7 +57,7 @@ def convert_coreml(model: torch.nn.Module, max_length: int = 512, deployment_tar
 
 def quantize_int8(mlmodel):
     """Per-channel symmetric INT8 weights (coremltools.optimize), FP16 compute."""
-    ct = _coremltools()
+    _coremltools()  # a clear message if the extra is missing
     from coremltools.optimize.coreml import OpLinearQuantizerConfig, OptimizationConfig, linear_quantize_weights
 
     config = OptimizationConfig(global_config=OpLinearQuantizerConfig(

@@ -96,6 +96,17 @@ class OnnxDecoder:
         return float(np.exp(nll / count))
 
 
+def export_verified(model: torch.nn.Module, path: Path, probe: torch.Tensor) -> tuple[Path, dict]:
+    """Export, then refuse to go on if ONNX Runtime does not reproduce PyTorch (see verify_export)."""
+    from prunekit.errors import PrunekitError
+
+    export_onnx(model, path)
+    checks = verify_export(path, model, probe)
+    if not checks["passed"]:
+        raise PrunekitError(f"the ONNX export does not match PyTorch: {checks} (a prunekit bug, please report)")
+    return path, checks
+
+
 def verify_export(path: Path, model: torch.nn.Module, tokens: torch.Tensor, new_tokens: int = 8,
                   tolerance: float = LOGITS_TOLERANCE) -> dict:
     """ORT logits vs PyTorch on the same tokens, KV-cache I/O present, greedy tokens identical."""

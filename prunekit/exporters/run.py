@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prunekit.evaluation import parse_eval_spec
+from prunekit.evaluation import parse_eval_spec, text_windows
 
 from prunekit.models import load_model
 from prunekit.outputs import check_output, staged_output
@@ -21,7 +21,8 @@ def export_model(target: str, model_dir: str, out: Path, force: bool, int8: bool
     check_output(out, force)
     loaded = load_model(model_dir)
     with staged_output(out, force) as stage:
-        context = export_context(profile, plan, loaded.model, None, loaded.tokenizer, stage,
-                                 parse_eval_spec("pydoc"), 512, 4, quiet=quiet)
+        spec = parse_eval_spec("pydoc")
+        context = export_context(profile, plan, loaded.model, None, stage, spec,
+                                 text_windows(loaded.tokenizer, spec, 512, 4), quiet=quiet)
         outcome = export_for(profile.runtime, context)
     return outcome

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from prunekit.arch import architecture_for, attention_shape, decoder_layers
+from prunekit.arch import architecture_for, attention_shape
 from prunekit.errors import UserInputError
 from prunekit.pruning.engine import InputStats
 from prunekit.pruning.structure import (check_shapes, describe_structure, needs_structure_manifest,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
 from prunekit.pruning.engine import InputStats

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -11,6 +10,7 @@ from prunekit.errors import PrunekitError
 from prunekit.estimate import estimate_latency, model_cost
 from prunekit.exporters.coreml import (check_package, convert_coreml, inspect_package, package_bytes,
                                        predict_check, quantize_int8, reference_check)
+from prunekit.progress import say
 from prunekit.targets import ExportOutcome
 
 MAX_LENGTH = 512  # KV cache positions in the package's state
@@ -24,7 +24,6 @@ def build(context) -> ExportOutcome:
     profile, plan, stage = context["profile"], context["plan"], Path(context["stage"])
     pruned, dense, probe = context["model"], context.get("dense"), context["probe_tokens"]
     quiet = context.get("quiet")
-    say = (lambda m: None) if quiet else (lambda m: print(f"[prunekit] {m}", file=sys.stderr, flush=True))
     timings, checks, variants = {}, {}, []
     int8 = plan.precision == "int8"
     peak = profile.peak_tflops["fp16"]
@@ -34,13 +33,13 @@ def build(context) -> ExportOutcome:
         checks["reference"] = reference_check(pruned, probe, MAX_LENGTH)
         if not checks["reference"]["passed"]:
             raise PrunekitError(f"the Core ML export wrapper changes the model's output: {checks['reference']}")
-        say("converting the pruned model to Core ML (torch.export + coremltools)")
+        say("converting the pruned model to Core ML (torch.export + coremltools)", quiet)
         fp16 = convert_coreml(pruned, MAX_LENGTH, profile.deployment_target or "iOS18")
         timings["convert_coreml"] = time.perf_counter() - start
         candidates = []
         if dense is not None:
             start = time.perf_counter()
-            say("converting the dense model for size and estimate")
+            say("converting the dense model for size and estimate", quiet)
             dense_path = scratch / "dense-fp16.mlpackage"
             convert_coreml(dense, MAX_LENGTH).save(str(dense_path))
             candidates.append(("dense fp16", dense_path, dense))
@@ -51,7 +50,7 @@ def build(context) -> ExportOutcome:
         shipped = stage / "model.mlpackage"
         if int8:
             start = time.perf_counter()
-            say("quantizing weights to INT8 (coremltools.optimize, per-channel)")
+            say("quantizing weights to INT8 (coremltools.optimize, per-channel)", quiet)
             quantize_int8(fp16).save(str(shipped))
             timings["quantize"] = time.perf_counter() - start
             candidates.append(("pruned int8", shipped, pruned))

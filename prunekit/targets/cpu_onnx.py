@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from prunekit.errors import PrunekitError
 from prunekit.exporters.latency import measure_in_subprocess
-from prunekit.exporters.onnx import OnnxDecoder, export_onnx, onnx_bytes, quantize_int8, verify_export
+from prunekit.exporters.onnx import OnnxDecoder, export_onnx, export_verified, onnx_bytes, quantize_int8
+from prunekit.progress import say
 from prunekit.targets import ExportOutcome
-
-
-def _say(context, message):
-    if not context.get("quiet"):
-        print(f"[prunekit] {message}", file=sys.stderr, flush=True)
 
 
 def build(context) -> ExportOutcome:
@@ -24,22 +18,19 @@ def build(context) -> ExportOutcome:
     pruned, dense = context["model"], context.get("dense")
     windows, probe = context["eval_windows"], context["probe_tokens"]
     flavour = context.get("int8_flavour") or "weight-only"
+    quiet = context.get("quiet", False)
     timings, checks, variants = {}, {}, []
     with tempfile.TemporaryDirectory(prefix="prunekit-onnx-") as scratch:
         scratch = Path(scratch)
         start = time.perf_counter()
-        _say(context, "exporting the pruned model to ONNX")
-        pruned_fp32 = export_onnx(pruned, scratch / "pruned-fp32" / "model.onnx")
+        say("exporting the pruned model to ONNX", quiet)
+        pruned_fp32, checks["pruned_fp32"] = export_verified(pruned, scratch / "pruned-fp32" / "model.onnx", probe)
         timings["export_onnx"] = time.perf_counter() - start
-        checks["pruned_fp32"] = verify_export(pruned_fp32, pruned, probe)
-        if not checks["pruned_fp32"]["passed"]:
-            raise PrunekitError(f"the ONNX export does not match PyTorch: {checks['pruned_fp32']} "
-                                f"(a prunekit bug, please report)")
         candidates = [("pruned fp32", pruned_fp32)]
         shipped = pruned_fp32
         if plan.precision == "int8":
             start = time.perf_counter()
-            _say(context, f"quantizing to INT8 ({flavour})")
+            say(f"quantizing to INT8 ({flavour})", quiet)
             shipped = quantize_int8(pruned_fp32, scratch / "pruned-int8" / "model.onnx", flavour,
                                     calibration=list(windows[:8]))
             timings["quantize"] = time.perf_counter() - start
@@ -49,12 +40,12 @@ def build(context) -> ExportOutcome:
             candidates.append((f"pruned int8 ({flavour})", shipped))
         if dense is not None:
             start = time.perf_counter()
-            _say(context, "exporting the dense model for a side-by-side measurement")
+            say("exporting the dense model for a side-by-side measurement", quiet)
             candidates.insert(0, ("dense fp32", export_onnx(dense, scratch / "dense-fp32" / "model.onnx")))
             timings["export_dense_reference"] = time.perf_counter() - start
         start = time.perf_counter()
         for name, path in candidates:
-            _say(context, f"measuring {name} with ONNX Runtime")
+            say(f"measuring {name} with ONNX Runtime", quiet)
             variant = {"name": name, "bytes": onnx_bytes(path), "perplexity": OnnxDecoder(path).perplexity(windows)}
             variant.update(measure_in_subprocess(path))
             variants.append(variant)

@@ -12,17 +12,17 @@ from pathlib import Path
 from prunekit.arch import block_linears, decoder_layers
 from prunekit.errors import PrunekitError
 from prunekit.estimate import estimate_latency, model_cost
-from prunekit.exporters.onnx import OnnxDecoder, export_onnx, onnx_bytes, quantize_int8, verify_export
+from prunekit.exporters.onnx import OnnxDecoder, export_verified, quantize_int8
 from prunekit.exporters.onnx_sparsity import gemm_weights, nm_report
 from prunekit.exporters.tensorrt import build_engine, tensorrt_available, write_build_script
+from prunekit.progress import say
 from prunekit.targets import ExportOutcome
 
 
 def build(context) -> ExportOutcome:
     profile, plan, stage = context["profile"], context["plan"], Path(context["stage"])
     pruned, windows, probe = context["model"], context["eval_windows"], context["probe_tokens"]
-    say = (lambda m: None) if context.get("quiet") else (
-        lambda m: print(f"[prunekit] {m}", file=sys.stderr, flush=True))
+    quiet = context.get("quiet", False)
     int8 = plan.precision == "int8"
     n_m = plan.n_m
     timings, checks = {}, {}
@@ -30,18 +30,15 @@ def build(context) -> ExportOutcome:
     target.mkdir()
     with tempfile.TemporaryDirectory(prefix="prunekit-trt-") as scratch:
         start = time.perf_counter()
-        say("exporting the pruned model to ONNX")
-        fp32 = export_onnx(pruned, Path(scratch) / "fp32" / "model.onnx")
+        say("exporting the pruned model to ONNX", quiet)
+        fp32, checks["onnx"] = export_verified(pruned, Path(scratch) / "fp32" / "model.onnx", probe)
         timings["export_onnx"] = time.perf_counter() - start
-        checks["onnx"] = verify_export(fp32, pruned, probe)
-        if not checks["onnx"]["passed"]:
-            raise PrunekitError(f"the ONNX export does not match PyTorch: {checks['onnx']}")
         shipped = fp32
         if n_m:
             checks["nm_after_export"] = nm_report(gemm_weights(fp32), *n_m)
         if int8:
             start = time.perf_counter()
-            say("INT8 as explicit QDQ (per-channel weights, calibrated activations)")
+            say("INT8 as explicit QDQ (per-channel weights, calibrated activations)", quiet)
             shipped = quantize_int8(fp32, Path(scratch) / "qdq" / "model.onnx", "qdq", calibration=list(windows[:8]))
             timings["quantize"] = time.perf_counter() - start
             if n_m:
@@ -59,7 +56,7 @@ def build(context) -> ExportOutcome:
     ok, why = tensorrt_available()
     if ok:
         start = time.perf_counter()
-        say("building the TensorRT engine with sparse weights")
+        say("building the TensorRT engine with sparse weights", quiet)
         checks["engine"] = build_engine(target / "model.onnx", stage / "model.engine", list(cache_dims),
                                         cache_dims, int8)
         timings["engine"] = time.perf_counter() - start
@@ -70,21 +67,21 @@ def build(context) -> ExportOutcome:
     precision = "int8" if int8 else "fp16"
     weight_bytes_per_value = 1 if int8 else 2
     dense, cost = context.get("dense"), model_cost(pruned)
+    params = sum(p.numel() for p in pruned.parameters())
+    speedup = profile.sparse_gemm_speedup if plan.pattern == "2:4" and profile.sparse_tensor_cores else 1.0
+    # 2:4 GEMM weights are stored compressed (half the values plus 2-bit indices per kept value);
+    # embeddings, lm_head and norms stay dense.
+    sparse_params = sum(lin.weight.numel() for layer in decoder_layers(pruned)
+                        for lin in block_linears(pruned, layer).values()) if plan.pattern == "2:4" else 0
+    stored = weight_bytes_per_value * ((params - sparse_params) + sparse_params * (0.5 + 0.0625))
+    if dense is not None:
+        dense_cost, dense_bytes = model_cost(dense), sum(p.numel() for p in dense.parameters()) * weight_bytes_per_value
     variants = []
     for batch in (1, 8):
         if dense is not None:
-            params = sum(p.numel() for p in dense.parameters())
-            variants.append({"name": f"dense {precision} batch {batch}", "bytes": params * weight_bytes_per_value,
-                             **estimate_latency(model_cost(dense), params * weight_bytes_per_value,
-                                                profile.peak_tflops[precision], profile.memory_bandwidth_gbs,
-                                                batch=batch)})
-        params = sum(p.numel() for p in pruned.parameters())
-        speedup = profile.sparse_gemm_speedup if plan.pattern == "2:4" and profile.sparse_tensor_cores else 1.0
-        # 2:4 GEMM weights are stored compressed (half the values plus 2-bit indices per kept value);
-        # embeddings, lm_head and norms stay dense.
-        sparse_params = sum(lin.weight.numel() for layer in decoder_layers(pruned)
-                            for lin in block_linears(pruned, layer).values()) if plan.pattern == "2:4" else 0
-        stored = weight_bytes_per_value * ((params - sparse_params) + sparse_params * (0.5 + 0.0625))
+            variants.append({"name": f"dense {precision} batch {batch}", "bytes": dense_bytes,
+                             **estimate_latency(dense_cost, dense_bytes, profile.peak_tflops[precision],
+                                                profile.memory_bandwidth_gbs, batch=batch)})
         variants.append({"name": f"pruned {plan.pattern} {precision} batch {batch}", "bytes": int(stored),
                          **estimate_latency(cost, stored, profile.peak_tflops[precision],
                                             profile.memory_bandwidth_gbs, gemm_speedup=speedup, batch=batch)})
