@@ -86,14 +86,19 @@ def onnx_latency(model) -> dict:
 
 
 def run_rows(specs: list[dict], out_json: Path) -> list[dict]:
-    """Each row in a fresh process; results accumulate in ``out_json`` as they finish."""
-    rows = []
+    """Each row in a fresh process; results accumulate in ``out_json`` as they finish.
+
+    Rows already in ``out_json`` under other names are kept, so a long table can be filled in
+    over several runs; a row run again replaces its old result.
+    """
     out_json.parent.mkdir(parents=True, exist_ok=True)
+    rows = json.loads(out_json.read_text())["rows"] if out_json.exists() else []
     for spec in specs:
         proc = subprocess.run([sys.executable, __file__, json.dumps(spec)], capture_output=True, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"row {spec} failed:\n{proc.stderr[-3000:]}")
-        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        row = json.loads(proc.stdout.strip().splitlines()[-1])
+        rows = [r for r in rows if r["name"] != row["name"]] + [row]
         print(f"done: {spec}", file=sys.stderr, flush=True)
         meta = {"protocol": {"calib": str(CALIB_FILE.name), "calib_samples": CALIB_SAMPLES,
                              "calib_seqlen": CALIB_SEQLEN, "seed": SEED, "eval": EVAL_FILE.name,

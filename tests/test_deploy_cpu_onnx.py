@@ -136,3 +136,22 @@ def test_eval_command_reports_each_language(tiny_folder, tmp_path, capsys):
     results = json.loads(capsys.readouterr().out)
     assert [r["language"] for r in results] == ["en", "sw"]
     assert all(r["kl"] == pytest.approx(0, abs=1e-6) and r["top1"] == 1.0 for r in results)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_pruned_shapes_export_in_both_graph_styles(tokenizer, calib_ids, tmp_path, fused):
+    """Narrower value heads and MLP (FASP) through the fused opset-23 graph and the plain one."""
+    import onnx
+
+    from prunekit.models import LoadedModel
+    from prunekit.pruning.run import prune
+
+    loaded = LoadedModel(make_tiny_llama(), tokenizer, "tiny")
+    model = prune(loaded, "fasp", 0.5, "structured", calib_ids=calib_ids, progress=False,
+                  channel_multiple=8, value_multiple=2).model
+    assert model.model.layers[0].self_attn.v_head_dim < model.config.head_dim
+    path = export_onnx(model, tmp_path / "m" / "model.onnx", fused=fused)
+    checks = verify_export(path, model, calib_ids[0], new_tokens=6)
+    assert checks["passed"], checks
+    ops = {n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node}
+    assert ({"Attention", "RMSNormalization"} <= ops) == fused

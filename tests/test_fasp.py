@@ -35,6 +35,14 @@ def test_restoration_refits_and_never_loses_on_held_out():
     new, info = restore_columns(W, keep, X.T @ X, Xh.T @ Xh, (1e-3, 1e-2))
     err = lambda w: ((Xh[:, keep] @ w.T - Xh @ W.T) ** 2).sum()  # noqa: E731
     assert info["lambda"] is not None and err(new) < 0.5 * err(W[:, keep])
+    # a tolerance trades a little held-out gain for a refit closer to the cut (a larger λ)
+    grid = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+    sharp, sharp_info = restore_columns(W, keep, X.T @ X, Xh.T @ Xh, grid)
+    soft, soft_info = restore_columns(W, keep, X.T @ X, Xh.T @ Xh, grid, tolerance=0.3)
+    assert soft_info["lambda"] >= sharp_info["lambda"]
+    gain = err(W[:, keep]) - err(sharp)
+    assert err(soft) <= err(sharp) + 0.3 * gain + 1e-6
+    assert (soft - W[:, keep]).norm() <= (sharp - W[:, keep]).norm()
     # with too few fit tokens the refit overfits, and the held-out check keeps the plain cut
     few = X[:9]
     new, info = restore_columns(W, keep, few.T @ few, Xh.T @ Xh, (1e-6,))

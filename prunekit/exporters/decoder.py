@@ -9,6 +9,7 @@ library exporter knows.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from prunekit.arch import architecture_for, attention_shape, decoder_layers
@@ -21,15 +22,28 @@ def kv_names(num_layers: int) -> tuple[list[str], list[str]]:
 
 
 class PlainDecoder(nn.Module):
-    """The shared math; subclasses say where the KV cache lives (flat tensors, or Core ML state)."""
+    """The shared math; subclasses say where the KV cache lives (flat tensors, or Core ML state).
 
-    def __init__(self, model: nn.Module, untie_lm_head: bool = True):
+    ``fused`` writes the block the way ONNX Runtime runs fastest: one GEMM for q/k/v and one for
+    gate/up, and RMS norm and attention as single operators (exported at opset 23 as
+    RMSNormalization and Attention, one kernel each instead of ~20 small ones per layer, whose
+    per-call overhead dominates decode of a small model on a CPU). Off, it is plain primitives that
+    every converter (Core ML, TensorRT's parser) reads.
+    """
+
+    def __init__(self, model: nn.Module, untie_lm_head: bool = True, fused: bool = False):
         super().__init__()
         self.model = model
         self.arch = architecture_for(model.config)
         self.layers = decoder_layers(model)
         heads, kv_heads, head_dim = attention_shape(model.config)
         self.group = heads // kv_heads
+        self.fused = fused
+        if fused:
+            self.qkv = nn.ModuleList(_stacked_linear(self._projections(layer, self.arch.attention, "q", "k", "v"))
+                                     for layer in self.layers)
+            self.gate_up = nn.ModuleList(_stacked_linear(self._projections(layer, self.arch.mlp, "gate", "up"))
+                                         for layer in self.layers)
         # A tied lm_head reaches the graph as a transposed embedding, which weight quantizers skip
         # as a non-constant input; its own copy is quantized like every other projection.
         head = model.lm_head.weight
@@ -64,20 +78,46 @@ class PlainDecoder(nn.Module):
             attention = layer.get_submodule(a.attention)
             head_dim = attention.head_dim
             v_dim = getattr(attention, "v_head_dim", head_dim)
-            x = layer.input_layernorm(hidden)
-            q = attention.get_submodule(a.q)(x).view(batch, seq, -1, head_dim).transpose(1, 2)
-            k = attention.get_submodule(a.k)(x).view(batch, seq, -1, head_dim).transpose(1, 2)
-            v = attention.get_submodule(a.v)(x).view(batch, seq, -1, v_dim).transpose(1, 2)
+            q, k, v = self._qkv(i, self._norm(layer.input_layernorm, hidden))
+            q = q.view(batch, seq, -1, head_dim).transpose(1, 2)
+            k = k.view(batch, seq, -1, head_dim).transpose(1, 2)
+            v = v.view(batch, seq, -1, v_dim).transpose(1, 2)
             q, k = _rope(q, cos, sin), _rope(k, cos, sin)
             k, v = update_cache(i, k, v)
-            k_all = k.repeat_interleave(self.group, dim=1)
-            v_all = v.repeat_interleave(self.group, dim=1)
-            scores = (q @ k_all.transpose(2, 3)) * attention.scaling + mask
-            out = torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v_all
+            out = self._attend(q, k, v, mask, attention.scaling)
             out = out.transpose(1, 2).reshape(batch, seq, -1)
             hidden = hidden + attention.get_submodule(a.o)(out)
-            hidden = hidden + layer.get_submodule(a.mlp)(layer.post_attention_layernorm(hidden))
-        return torch.nn.functional.linear(base.norm(hidden), self.lm_head_weight)
+            hidden = hidden + self._mlp(i, self._norm(layer.post_attention_layernorm, hidden))
+        return F.linear(self._norm(base.norm, hidden), self.lm_head_weight)
+
+    def _projections(self, layer: nn.Module, parent: str, *roles: str) -> list[nn.Linear]:
+        return [layer.get_submodule(f"{parent}.{getattr(self.arch, role)}") for role in roles]
+
+    def _norm(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if not self.fused:
+            return norm(x)
+        return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
+
+    def _qkv(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        q_proj, k_proj, v_proj = self._projections(self.layers[i], self.arch.attention, "q", "k", "v")
+        if not self.fused:
+            return q_proj(x), k_proj(x), v_proj(x)
+        return self.qkv[i](x).split([q_proj.out_features, k_proj.out_features, v_proj.out_features], dim=-1)
+
+    def _attend(self, q, k, v, mask, scaling: float) -> torch.Tensor:
+        if self.fused:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
+        k_all = k.repeat_interleave(self.group, dim=1)
+        v_all = v.repeat_interleave(self.group, dim=1)
+        scores = (q @ k_all.transpose(2, 3)) * scaling + mask
+        return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v_all
+
+    def _mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        mlp = self.layers[i].get_submodule(self.arch.mlp)
+        if not self.fused:
+            return mlp(x)
+        gate, up = self.gate_up[i](x).chunk(2, dim=-1)
+        return mlp.get_submodule(self.arch.down)(mlp.act_fn(gate) * up)
 
 
 def causal_mask(seq: int, past_len, dtype: torch.dtype) -> torch.Tensor:
@@ -131,6 +171,18 @@ class StatefulDecoder(PlainDecoder):
             return key[:, :, :end].to(k.dtype), value[:, :, :end].to(v.dtype)
 
         return self.decode(input_ids, past_len, mask, update)
+
+
+def _stacked_linear(linears: list[nn.Linear]) -> nn.Linear:
+    """One Linear computing all of ``linears`` at once (outputs side by side)."""
+    weight = torch.cat([lin.weight.detach() for lin in linears])
+    biases = [lin.bias for lin in linears]
+    stacked = nn.Linear(weight.shape[1], weight.shape[0], bias=biases[0] is not None,
+                        dtype=weight.dtype, device=weight.device)
+    stacked.weight = nn.Parameter(weight, requires_grad=False)
+    if stacked.bias is not None:
+        stacked.bias = nn.Parameter(torch.cat([b.detach() for b in biases]), requires_grad=False)
+    return stacked
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ from prunekit.exporters.decoder import FlatCacheDecoder, kv_names
 # 30-layer model differ by ~1e-4; 1e-3 absolute still catches any real change of the math.
 LOGITS_TOLERANCE = 1e-3
 INT8_FLAVOURS = ("weight-only", "dynamic", "qdq")
+FUSED_OPSET, PLAIN_OPSET = 23, 20  # 23: first opset with Attention and RMSNormalization
 
 
 def _require_onnx():
@@ -27,13 +28,17 @@ def _require_onnx():
         raise MissingExtraError("onnx/onnxruntime", "onnx") from None
 
 
-def export_onnx(model: torch.nn.Module, path: Path) -> Path:
+def export_onnx(model: torch.nn.Module, path: Path, fused: bool = True) -> Path:
     """Write ``path`` (+ ``path.data``): inputs input_ids and past_key_values.{i}.key/value, outputs
-    logits and present.{i}.key/value; one graph serves prefill (empty past) and decode."""
+    logits and present.{i}.key/value; one graph serves prefill (empty past) and decode.
+
+    ``fused`` (for ONNX Runtime) writes opset 23 with fused projections, RMSNormalization and
+    Attention; off, opset 20 primitives with one MatMul per projection (what TensorRT's parser
+    reads, and what the 2:4 check names tensor by tensor)."""
     _require_onnx()
     from torch.export import Dim
 
-    decoder = FlatCacheDecoder(model).eval()
+    decoder = FlatCacheDecoder(model, fused=fused).eval()
     past_names, present_names = kv_names(len(decoder.layers))
     batch, seq = Dim("batch", min=1, max=256), Dim("sequence", min=1, max=8192)
     past_len = Dim("past_sequence", min=0, max=8192)
@@ -46,6 +51,7 @@ def export_onnx(model: torch.nn.Module, path: Path) -> Path:
         warnings.simplefilter("ignore")
         torch.onnx.export(decoder, example, str(path), input_names=["input_ids", *past_names],
                           output_names=["logits", *present_names], dynamic_shapes=shapes,
+                          opset_version=FUSED_OPSET if fused else PLAIN_OPSET,
                           dynamo=True, external_data=True, verbose=False)
     return path
 
@@ -96,11 +102,11 @@ class OnnxDecoder:
         return float(np.exp(nll / count))
 
 
-def export_verified(model: torch.nn.Module, path: Path, probe: torch.Tensor) -> tuple[Path, dict]:
+def export_verified(model: torch.nn.Module, path: Path, probe: torch.Tensor, fused: bool = True) -> tuple[Path, dict]:
     """Export, then refuse to go on if ONNX Runtime does not reproduce PyTorch (see verify_export)."""
     from prunekit.errors import PrunekitError
 
-    export_onnx(model, path)
+    export_onnx(model, path, fused)
     checks = verify_export(path, model, probe)
     if not checks["passed"]:
         raise PrunekitError(f"the ONNX export does not match PyTorch: {checks} (a prunekit bug, please report)")

@@ -33,9 +33,10 @@ def check_model(model, n_m: tuple[int, int] | None = None) -> list[LayerSparsity
         for name, linear in block_linears(model, layer).items():
             weight = linear.weight.data
             bad = nm_violations(weight, *n_m) if n_m else 0
+            zeros = 1.0 - torch.count_nonzero(weight).item() / weight.numel()
             report.append(LayerSparsity(
                 name=f"layers.{i}.{name}", shape=tuple(weight.shape),
-                sparsity=float((weight == 0).float().mean()), nm_ok=(bad == 0) if n_m else None,
+                sparsity=zeros, nm_ok=(bad == 0) if n_m else None,
                 bad_groups=bad))
     return report
 

@@ -41,37 +41,55 @@ def kept_width(total: int, sparsity: float, multiple: int) -> int:
 
 
 def restore_columns(weight: torch.Tensor, keep: torch.Tensor, gram: torch.Tensor,
-                    held_gram: torch.Tensor | None, lambdas: tuple[float, ...]) -> tuple[torch.Tensor, dict]:
-    """Refit the kept columns S so that W'·X_S matches W·X: W' = W G[:,S] (G[S,S] + λI)⁻¹.
+                    held_gram: torch.Tensor | None, lambdas: tuple[float, ...],
+                    tolerance: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """Refit the kept columns S so that W'·X_S matches W·X, shrunk toward the plain cut W_S:
+    W' = (W G[:,S] + λ W_S) (G[S,S] + λI)⁻¹ (λ relative to the mean of diag G[S,S]; λ → ∞ is the cut).
 
-    Each λ (relative to the mean of diag G[S,S]) and "no refit" are scored on held-out tokens; the
-    best wins, so the refit never makes the layer worse than the cut alone on unseen tokens."""
+    Each λ and the cut itself are scored on held-out tokens, so the refit never makes the layer
+    worse than the cut on unseen tokens of the calibration text. Text unlike it gains less from
+    the refit than the held-out slice says, so of the λ whose held-out error is within
+    ``tolerance`` × (the best gain over the cut) of the best, the largest, most cut-like, wins.
+    The held-out error is unimodal in λ (overfit, then back to the cut): the search, in increasing
+    λ, stops once past the best and outside the tolerance."""
     W = weight.detach().cpu().to(torch.float64)  # statistics live on the CPU
     G = gram.to(torch.float64)
     cut = W[:, keep]
     if held_gram is None or held_gram.abs().sum() == 0:
         return cut.to(weight.device, weight.dtype), {"lambda": None, "reason": "no held-out tokens"}
     Gh = held_gram.to(torch.float64)
-    target = torch.einsum("ij,jk,ik->", W, Gh, W)
+    # ‖W'X_S − WX‖² on held-out tokens = tr(W Gh Wᵀ) − 2 tr(W' Gh[S,:] Wᵀ) + tr(W' Gh[S,S] W'ᵀ)
+    target = float((W @ Gh * W).sum())
+    cross_with = W @ Gh[:, keep]
+    Gh_SS = Gh[keep][:, keep]
 
     def heldout_error(candidate: torch.Tensor) -> float:
-        cross = torch.einsum("ij,jk,ik->", candidate, Gh[keep], W)
-        own = torch.einsum("ij,jk,ik->", candidate, Gh[keep][:, keep], candidate)
-        return float(target - 2 * cross + own)
+        return target - 2 * float((candidate * cross_with).sum()) + float((candidate @ Gh_SS * candidate).sum())
 
     G_SS = G[keep][:, keep]
     rhs = W @ G[:, keep]
     scale = torch.diag(G_SS).mean()
-    best, best_error, best_lambda = cut, heldout_error(cut), None
-    cut_error = best_error
-    for lam in lambdas:
-        eye = torch.eye(G_SS.shape[0], dtype=G_SS.dtype)
-        candidate = torch.linalg.solve(G_SS + lam * scale * eye, rhs.T).T
-        error = heldout_error(candidate)
-        if error < best_error:
-            best, best_error, best_lambda = candidate, error, lam
+    eye = torch.eye(G_SS.shape[0], dtype=G_SS.dtype)
+    cut_error = heldout_error(cut)
+    tried = []  # (λ, candidate, held-out error), λ increasing
+    for lam in sorted(lambdas):
+        factor, failed = torch.linalg.cholesky_ex(G_SS + lam * scale * eye)
+        if failed:
+            continue  # not positive definite at this λ: a larger one will be
+        candidate = torch.cholesky_solve((rhs + lam * scale * cut).T, factor).T
+        tried.append((lam, candidate, heldout_error(candidate)))
+        best_error = min(e for _, _, e in tried)
+        if tried[-1][2] > best_error + tolerance * max(cut_error - best_error, 0.0):
+            break  # past the best and outside the tolerance: larger λ only gets closer to the cut
+    best_error = min([cut_error] + [e for _, _, e in tried])
+    allowed = best_error + tolerance * (cut_error - best_error)
+    chosen = [(lam, c, e) for lam, c, e in tried if e <= allowed]
+    if not chosen or best_error >= cut_error:
+        best, best_lambda, error = cut, None, cut_error
+    else:
+        best_lambda, best, error = chosen[-1]
     info = {"lambda": best_lambda,
-            "heldout_error_vs_cut": round(best_error / cut_error, 4) if cut_error > 0 else 1.0}
+            "heldout_error_vs_cut": round(error / cut_error, 4) if cut_error > 0 else 1.0}
     return best.to(weight.device, weight.dtype), info
 
 
@@ -83,7 +101,8 @@ class FaspPruner:
     value_multiple: int = 8
     restore: bool = True
     held_out_fraction: float = 0.125
-    lambdas: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0)
+    lambdas: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+    tolerance: float = 0.1  # of the held-out gain, given up for a refit closer to the cut
     score: str = "activation"  # "weight": the magnitude-norm baseline, blind to activations
     _digest: "hashlib._Hash" = field(default_factory=hashlib.sha256, repr=False)
     _restoration: list = field(default_factory=list, repr=False)
@@ -158,7 +177,8 @@ class FaspPruner:
     def _refit(self, consumer: nn.Linear, keep: torch.Tensor, stats: InputStats):
         if not self.restore:
             return consumer.weight.data[:, keep.to(consumer.weight.device)], {"lambda": None, "reason": "restoration off"}
-        return restore_columns(consumer.weight.data, keep, stats.gram, stats.held_gram, self.lambdas)
+        return restore_columns(consumer.weight.data, keep, stats.gram, stats.held_gram, self.lambdas,
+                               self.tolerance)
 
     def _record(self, kind: str, keep: torch.Tensor, info: dict):
         self._digest.update(kind.encode() + keep.cpu().numpy().astype("int64").tobytes())

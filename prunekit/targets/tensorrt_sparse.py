@@ -31,7 +31,8 @@ def build(context) -> ExportOutcome:
     with tempfile.TemporaryDirectory(prefix="prunekit-trt-") as scratch:
         start = time.perf_counter()
         say("exporting the pruned model to ONNX", quiet)
-        fp32, checks["onnx"] = export_verified(pruned, Path(scratch) / "fp32" / "model.onnx", probe)
+        fp32, checks["onnx"] = export_verified(pruned, Path(scratch) / "fp32" / "model.onnx", probe,
+                                                fused=False)  # plain ops: TensorRT parses them, 2:4 check names each
         timings["export_onnx"] = time.perf_counter() - start
         shipped = fp32
         if n_m:
