@@ -166,7 +166,8 @@ def prune_layerwise(model, input_ids: torch.Tensor, pruner: BlockPruner, batch_s
                 lambda _m, args, s=group_stats: s.add(args[0], current["held"])))
         # The last group's input is the last thing the statistics need: skip the rest of the block
         # (down_proj's GEMM, a fifth of the block's work) in this pass.
-        handles.append(module.register_forward_pre_hook(_stop_forward))
+        last_leader = linears[list(groups)[-1]]
+        handles.append(last_leader.register_forward_pre_hook(_stop_forward))
         try:
             for b, (hidden, kwargs) in enumerate(states):
                 current["held"] = b >= held_from

@@ -71,6 +71,10 @@ def restore_columns(weight: torch.Tensor, keep: torch.Tensor, gram: torch.Tensor
     scale = torch.diag(G_SS).mean()
     eye = torch.eye(G_SS.shape[0], dtype=G_SS.dtype)
     cut_error = heldout_error(cut)
+
+    def within_tolerance(error: float, best: float) -> bool:
+        return error <= best + tolerance * max(cut_error - best, 0.0)
+
     tried = []  # (λ, candidate, held-out error), λ increasing
     for lam in sorted(lambdas):
         factor, failed = torch.linalg.cholesky_ex(G_SS + lam * scale * eye)
@@ -78,16 +82,13 @@ def restore_columns(weight: torch.Tensor, keep: torch.Tensor, gram: torch.Tensor
             continue  # not positive definite at this λ: a larger one will be
         candidate = torch.cholesky_solve((rhs + lam * scale * cut).T, factor).T
         tried.append((lam, candidate, heldout_error(candidate)))
-        best_error = min(e for _, _, e in tried)
-        if tried[-1][2] > best_error + tolerance * max(cut_error - best_error, 0.0):
+        if not within_tolerance(tried[-1][2], min(e for _, _, e in tried)):
             break  # past the best and outside the tolerance: larger λ only gets closer to the cut
-    best_error = min([cut_error] + [e for _, _, e in tried])
-    allowed = best_error + tolerance * (cut_error - best_error)
-    chosen = [(lam, c, e) for lam, c, e in tried if e <= allowed]
-    if not chosen or best_error >= cut_error:
+    best_error = min((e for _, _, e in tried), default=cut_error)
+    if best_error >= cut_error:
         best, best_lambda, error = cut, None, cut_error
     else:
-        best_lambda, best, error = chosen[-1]
+        best_lambda, best, error = [t for t in tried if within_tolerance(t[2], best_error)][-1]
     info = {"lambda": best_lambda,
             "heldout_error_vs_cut": round(error / cut_error, 4) if cut_error > 0 else 1.0}
     return best.to(weight.device, weight.dtype), info
