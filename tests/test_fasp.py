@@ -17,6 +17,8 @@ def test_kept_width_rounds_to_the_multiple():
     assert kept_width(1536, 0.3, 32) == 1088
     assert kept_width(1536, 0.2, 64) == 1216
     assert kept_width(64, 0.3, 8) == 48
+    assert kept_width(64, 0.3, 4) == 44 and kept_width(64, 0.3, 4, up=True) == 48
+    assert kept_width(64, 0.2, 4, up=True) == 52 and kept_width(64, 0.25, 4, up=True) == 48  # exact stays
     assert kept_width(96, 0.0, 32) == 96
     assert kept_width(96, 0.995, 32) == 0  # less than one channel left: refused upstream
 
@@ -43,6 +45,14 @@ def test_restoration_refits_and_never_loses_on_held_out():
     gain = err(W[:, keep]) - err(sharp)
     assert err(soft) <= err(sharp) + 0.3 * gain + 1e-6
     assert (soft - W[:, keep]).norm() <= (sharp - W[:, keep]).norm()
+    # λ is picked on the held-out tokens, then the refit uses them too
+    G, Gh = X.T @ X, Xh.T @ Xh
+    pooled = (G + Gh).double()
+    lam = sharp_info["lambda"]
+    ridge = lam * torch.diag(pooled[keep][:, keep]).mean()
+    expected = torch.linalg.solve(pooled[keep][:, keep] + ridge * torch.eye(10, dtype=torch.float64),
+                                  (W.double() @ pooled[:, keep] + ridge * W.double()[:, keep]).T).T
+    assert torch.allclose(sharp.double(), expected, atol=1e-4)
     # with too few fit tokens the refit overfits, and the held-out check keeps the plain cut
     few = X[:9]
     new, info = restore_columns(W, keep, few.T @ few, Xh.T @ Xh, (1e-6,))
@@ -85,13 +95,16 @@ def test_value_channels_follow_gqa_groups(tokenizer, calib_ids):
 def test_restoration_is_no_worse_than_the_cut(tokenizer, calib_ids):
     ids = torch.randint(3, 300, (32, 32), generator=torch.Generator().manual_seed(5))
     heldout = torch.randint(3, 300, (4, 32), generator=torch.Generator().manual_seed(9))
-    losses = {}
+    losses, kept = {}, {}
     for restore in (False, True):
         loaded = LoadedModel(make_tiny_llama(), tokenizer, "tiny")
-        prune(loaded, "fasp", 0.3, "structured", calib_ids=ids, progress=False, restore=restore, **SMALL)
+        result = prune(loaded, "fasp", 0.3, "structured", calib_ids=ids, progress=False, restore=restore,
+                       **SMALL)
+        kept[restore] = result.mask_hash
         with torch.no_grad():
             losses[restore] = loaded.model(heldout, labels=heldout).loss.item()
     assert losses[True] <= losses[False] * 1.02
+    assert kept[True] == kept[False]  # the ablation removes the same channels: only the refit differs
 
 
 def test_refuses_impossible_requests_before_work(tokenizer):

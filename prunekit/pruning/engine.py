@@ -21,8 +21,9 @@ from prunekit.arch import architecture_for, decoder_layers
 class InputStats:
     """Running statistics of the inputs X (tokens x features) of one group of linear layers.
 
-    ``sumsq`` gives Wanda's ‖X_j‖₂²; ``gram`` is XᵀX, for methods that solve least squares. The
-    held-out split is kept apart so a method can check a refit on tokens it did not fit on.
+    ``sumsq`` gives Wanda's ‖X_j‖₂² over every token; ``gram`` is XᵀX, for methods that solve
+    least squares. Its held-out split is kept apart so a method can check a refit on tokens it did
+    not fit on.
     """
 
     features: int
@@ -41,9 +42,8 @@ class InputStats:
 
     def add(self, x: torch.Tensor, held_out: bool):
         x = x.reshape(-1, x.shape[-1]).to(torch.float32)
-        if not held_out:
-            self.sumsq += (x * x).sum(0).to(self.sumsq.device, torch.float64)
-            self.tokens += x.shape[0]
+        self.sumsq += (x * x).sum(0).to(self.sumsq.device, torch.float64)
+        self.tokens += x.shape[0]
         if self.want_gram:
             gram = (x.T @ x).to(self.gram.device, torch.float64)
             if held_out:

@@ -29,15 +29,25 @@ def column_scores(weight: torch.Tensor, x_norm: torch.Tensor) -> torch.Tensor:
     return (weight.abs() * x_norm.reshape(1, -1)).sum(0)
 
 
-def kept_width(total: int, sparsity: float, multiple: int) -> int:
-    """Channels kept: total·(1 − sparsity) rounded to the nearest multiple (at least one multiple,
-    never more than total); 0 when the ratio leaves less than one channel."""
+def kept_width(total: int, sparsity: float, multiple: int, up: bool = False) -> int:
+    """Channels kept: total·(1 − sparsity) rounded to the nearest multiple, or up to one when ``up``
+    (at least one multiple, never more than total); 0 when the ratio leaves less than one channel."""
     wanted = total * (1 - sparsity)
     if wanted < 1:
         return 0
     multiple = max(1, min(multiple, total))
-    kept = math.floor(wanted / multiple + 0.5) * multiple
+    kept = (math.ceil(wanted / multiple - 1e-6) if up else math.floor(wanted / multiple + 0.5)) * multiple
     return min(max(kept, multiple), total)
+
+
+def ridge_toward_cut(G_SS: torch.Tensor, rhs: torch.Tensor, cut: torch.Tensor, lam: float) -> torch.Tensor | None:
+    """W' = (rhs + λ·s W_S)(G[S,S] + λ·s I)⁻¹ with rhs = W G[:,S] and s the mean of diag G[S,S];
+    None when the system is not positive definite."""
+    ridge = lam * torch.diag(G_SS).mean()
+    factor, failed = torch.linalg.cholesky_ex(G_SS + ridge * torch.eye(G_SS.shape[0], dtype=G_SS.dtype))
+    if failed:
+        return None
+    return torch.cholesky_solve((rhs + ridge * cut).T, factor).T
 
 
 def restore_columns(weight: torch.Tensor, keep: torch.Tensor, gram: torch.Tensor,
@@ -51,7 +61,8 @@ def restore_columns(weight: torch.Tensor, keep: torch.Tensor, gram: torch.Tensor
     the refit than the held-out slice says, so of the λ whose held-out error is within
     ``tolerance`` × (the best gain over the cut) of the best, the largest, most cut-like, wins.
     The held-out error is unimodal in λ (overfit, then back to the cut): the search, in increasing
-    λ, stops once past the best and outside the tolerance."""
+    λ, stops once past the best and outside the tolerance. The chosen λ is then refit on the fit
+    and held-out tokens together: the held-out slice only picks λ, its tokens still inform W'."""
     W = weight.detach().cpu().to(torch.float64)  # statistics live on the CPU
     G = gram.to(torch.float64)
     cut = W[:, keep]
@@ -66,10 +77,7 @@ def restore_columns(weight: torch.Tensor, keep: torch.Tensor, gram: torch.Tensor
     def heldout_error(candidate: torch.Tensor) -> float:
         return target - 2 * float((candidate * cross_with).sum()) + float((candidate @ Gh_SS * candidate).sum())
 
-    G_SS = G[keep][:, keep]
-    rhs = W @ G[:, keep]
-    scale = torch.diag(G_SS).mean()
-    eye = torch.eye(G_SS.shape[0], dtype=G_SS.dtype)
+    G_SS, rhs = G[keep][:, keep], W @ G[:, keep]
     cut_error = heldout_error(cut)
 
     def within_tolerance(error: float, best: float) -> bool:
@@ -77,10 +85,9 @@ def restore_columns(weight: torch.Tensor, keep: torch.Tensor, gram: torch.Tensor
 
     tried = []  # (λ, candidate, held-out error), λ increasing
     for lam in sorted(lambdas):
-        factor, failed = torch.linalg.cholesky_ex(G_SS + lam * scale * eye)
-        if failed:
+        candidate = ridge_toward_cut(G_SS, rhs, cut, lam)
+        if candidate is None:
             continue  # not positive definite at this λ: a larger one will be
-        candidate = torch.cholesky_solve((rhs + lam * scale * cut).T, factor).T
         tried.append((lam, candidate, heldout_error(candidate)))
         if not within_tolerance(tried[-1][2], min(e for _, _, e in tried)):
             break  # past the best and outside the tolerance: larger λ only gets closer to the cut
@@ -88,7 +95,8 @@ def restore_columns(weight: torch.Tensor, keep: torch.Tensor, gram: torch.Tensor
     if best_error >= cut_error:
         best, best_lambda, error = cut, None, cut_error
     else:
-        best_lambda, best, error = [t for t in tried if within_tolerance(t[2], best_error)][-1]
+        best_lambda, _, error = [t for t in tried if within_tolerance(t[2], best_error)][-1]
+        best = ridge_toward_cut(G_SS + Gh_SS, rhs + cross_with, cut, best_lambda)
     info = {"lambda": best_lambda,
             "heldout_error_vs_cut": round(error / cut_error, 4) if cut_error > 0 else 1.0}
     return best.to(weight.device, weight.dtype), info
@@ -99,10 +107,10 @@ class FaspPruner:
     sparsity: float
     granularity: str = "channels"
     channel_multiple: int = 32
-    value_multiple: int = 8
+    value_multiple: int = 4
     restore: bool = True
     held_out_fraction: float = 0.125
-    lambdas: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+    lambdas: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
     tolerance: float = 0.1  # of the held-out gain, given up for a refit closer to the cut
     score: str = "activation"  # "weight": the magnitude-norm baseline, blind to activations
     _digest: "hashlib._Hash" = field(default_factory=hashlib.sha256, repr=False)
@@ -132,7 +140,9 @@ class FaspPruner:
         heads, kv_heads, head_dim = attention_shape(config)
         widths = {"intermediate": kept_width(config.intermediate_size, self.sparsity, self.channel_multiple)}
         if self.granularity == "channels":
-            widths["value_head_dim"] = kept_width(head_dim, self.sparsity, self.value_multiple)
+            # One step of 4 is 6% of a 64-wide head, and value channels cost far more quality per
+            # parameter than MLP channels: round up, never cutting a head more than asked.
+            widths["value_head_dim"] = kept_width(head_dim, self.sparsity, self.value_multiple, up=True)
         else:
             widths["kv_heads"] = kv_heads - int(round(kv_heads * self.sparsity))
         return widths
