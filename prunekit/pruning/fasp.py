@@ -83,19 +83,19 @@ def restore_columns(weight: torch.Tensor, keep: torch.Tensor, gram: torch.Tensor
     def within_tolerance(error: float, best: float) -> bool:
         return error <= best + tolerance * max(cut_error - best, 0.0)
 
-    tried = []  # (λ, candidate, held-out error), λ increasing
+    tried = []  # (λ, held-out error), λ increasing
     for lam in sorted(lambdas):
         candidate = ridge_toward_cut(G_SS, rhs, cut, lam)
         if candidate is None:
             continue  # not positive definite at this λ: a larger one will be
-        tried.append((lam, candidate, heldout_error(candidate)))
-        if not within_tolerance(tried[-1][2], min(e for _, _, e in tried)):
+        tried.append((lam, heldout_error(candidate)))
+        if not within_tolerance(tried[-1][1], min(e for _, e in tried)):
             break  # past the best and outside the tolerance: larger λ only gets closer to the cut
-    best_error = min((e for _, _, e in tried), default=cut_error)
+    best_error = min((e for _, e in tried), default=cut_error)
     if best_error >= cut_error:
         best, best_lambda, error = cut, None, cut_error
     else:
-        best_lambda, _, error = [t for t in tried if within_tolerance(t[2], best_error)][-1]
+        best_lambda, error = [t for t in tried if within_tolerance(t[1], best_error)][-1]
         best = ridge_toward_cut(G_SS + Gh_SS, rhs + cross_with, cut, best_lambda)
     info = {"lambda": best_lambda,
             "heldout_error_vs_cut": round(error / cut_error, 4) if cut_error > 0 else 1.0}
