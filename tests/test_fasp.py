@@ -7,6 +7,7 @@ from prunekit.errors import UserInputError
 from prunekit.models import LoadedModel, load_model
 from prunekit.pruning.fasp import column_scores, kept_width, restore_columns
 from prunekit.pruning.run import prune
+from prunekit.pruning.structure import set_value_head_dim, shrink_linear
 
 from conftest import make_tiny_llama
 
@@ -90,6 +91,31 @@ def test_value_channels_follow_gqa_groups(tokenizer, calib_ids):
     assert attention.v_head_dim == 4
     assert attention.v_proj.out_features == 3 * 4 and attention.o_proj.in_features == 9 * 4
     assert "structure" in result.details
+
+
+def test_narrow_value_heads_compute_what_zeroed_value_channels_do(calib_ids):
+    """The value-width attention (values padded for torch's fused kernel) against the stock model
+    whose removed value channels are zeroed: same logits, with and without the KV cache."""
+    import copy
+    zeroed = make_tiny_llama()
+    narrow = copy.deepcopy(zeroed)
+    keep = torch.tensor([0, 2, 3, 5, 6, 7])  # of each 8-wide head
+    v_rows = (keep + torch.arange(3).unsqueeze(1) * 8).reshape(-1)
+    o_cols = (keep + torch.arange(9).unsqueeze(1) * 8).reshape(-1)
+    for layer in zeroed.model.layers:
+        dropped = torch.ones(24, dtype=torch.bool)
+        dropped[v_rows] = False
+        layer.self_attn.v_proj.weight.data[dropped] = 0
+    for layer in narrow.model.layers:
+        attention = layer.self_attn
+        attention.v_proj = shrink_linear(attention.v_proj, rows=v_rows)
+        attention.o_proj = shrink_linear(attention.o_proj, cols=o_cols)
+        set_value_head_dim(attention, len(keep))
+    ids = calib_ids[:2, :16]
+    with torch.no_grad():
+        assert torch.allclose(narrow(ids).logits, zeroed(ids).logits, atol=1e-5)
+    assert torch.equal(narrow.generate(ids[:1, :4], max_new_tokens=6, do_sample=False),
+                       zeroed.generate(ids[:1, :4], max_new_tokens=6, do_sample=False))
 
 
 def test_restoration_is_no_worse_than_the_cut(tokenizer, calib_ids):

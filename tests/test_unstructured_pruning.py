@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM
 from prunekit.checkpoint import save_checkpoint
 from prunekit.errors import UserInputError
 from prunekit.models import LoadedModel, load_model
-from prunekit.pruning.engine import capture_block_inputs
+from prunekit.pruning.engine import InputStats, capture_block_inputs
 from prunekit.pruning.masks import wanda_mask
 from prunekit.pruning.run import prune
 
@@ -38,6 +38,20 @@ def test_same_seed_same_masks(tokenizer, text_file):
     other = prune(LoadedModel(make_tiny_llama(), tokenizer, "tiny"), "wanda", 0.5, "unstructured",
                   calib=str(text_file), calib_samples=4, calib_seqlen=32, seed=4, progress=False).mask_hash
     assert hashes[0] == hashes[1] and hashes[0] != other
+
+
+def test_input_stats_gram_is_xtx_split_into_fit_and_held_out():
+    torch.manual_seed(0)
+    fit, held = torch.randn(3, 40, 300), torch.randn(2, 40, 300)  # 300: panels of 256 and 44
+    stats = InputStats(300, want_gram=True)
+    for batch in fit:
+        stats.add(batch, held_out=False)
+    stats.add(held, held_out=True)
+    X, Xh = fit.reshape(-1, 300).double(), held.reshape(-1, 300).double()
+    assert torch.allclose(stats.gram, X.T @ X, atol=1e-3)
+    assert torch.allclose(stats.held_gram, Xh.T @ Xh, atol=1e-3)
+    assert torch.allclose(stats.sumsq, (X * X).sum(0) + (Xh * Xh).sum(0), atol=1e-3)
+    assert InputStats(300, want_gram=False).gram is None
 
 
 def test_wanda_uses_layerwise_pruned_inputs(tiny, calib_ids):

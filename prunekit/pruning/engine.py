@@ -17,6 +17,24 @@ from tqdm import tqdm
 from prunekit.arch import architecture_for, decoder_layers
 
 
+GRAM_PANEL = 256  # columns per panel of XᵀX: small enough to skip most of the lower half
+
+
+def add_upper_gram(accumulator: torch.Tensor, x: torch.Tensor, panel: int = GRAM_PANEL) -> None:
+    """accumulator += XᵀX, computed only on and above the diagonal panels (read it back with
+    ``symmetric``): torch has no symmetric rank-k update, and a full XᵀX does twice the work."""
+    features = x.shape[1]
+    for start in range(0, features, panel):
+        stop = min(start + panel, features)
+        accumulator[start:stop, start:] += (x[:, start:stop].T @ x[:, start:]).to(accumulator.device,
+                                                                                  accumulator.dtype)
+
+
+def symmetric(upper: torch.Tensor) -> torch.Tensor:
+    """The full matrix from one whose upper triangle is right (``add_upper_gram``'s accumulator)."""
+    return torch.triu(upper) + torch.triu(upper, 1).T
+
+
 @dataclass
 class InputStats:
     """Running statistics of the inputs X (tokens x features) of one group of linear layers.
@@ -29,28 +47,28 @@ class InputStats:
     features: int
     want_gram: bool
     sumsq: torch.Tensor = None
-    gram: torch.Tensor = None
-    tokens: int = 0
-    held_gram: torch.Tensor = None
-    held_tokens: int = 0
+    _gram_upper: torch.Tensor = None
+    _held_gram_upper: torch.Tensor = None
 
     def __post_init__(self):
         self.sumsq = torch.zeros(self.features, dtype=torch.float64)
         if self.want_gram:
-            self.gram = torch.zeros(self.features, self.features, dtype=torch.float64)
-            self.held_gram = torch.zeros_like(self.gram)
+            self._gram_upper = torch.zeros(self.features, self.features, dtype=torch.float64)
+            self._held_gram_upper = torch.zeros_like(self._gram_upper)
 
     def add(self, x: torch.Tensor, held_out: bool):
         x = x.reshape(-1, x.shape[-1]).to(torch.float32)
         self.sumsq += (x * x).sum(0).to(self.sumsq.device, torch.float64)
-        self.tokens += x.shape[0]
         if self.want_gram:
-            gram = (x.T @ x).to(self.gram.device, torch.float64)
-            if held_out:
-                self.held_gram += gram
-                self.held_tokens += x.shape[0]
-            else:
-                self.gram += gram
+            add_upper_gram(self._held_gram_upper if held_out else self._gram_upper, x)
+
+    @property
+    def gram(self) -> torch.Tensor | None:
+        return symmetric(self._gram_upper) if self.want_gram else None
+
+    @property
+    def held_gram(self) -> torch.Tensor | None:
+        return symmetric(self._held_gram_upper) if self.want_gram else None
 
     @property
     def norm(self) -> torch.Tensor:
