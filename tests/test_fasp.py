@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -96,7 +98,6 @@ def test_value_channels_follow_gqa_groups(tokenizer, calib_ids):
 def test_narrow_value_heads_compute_what_zeroed_value_channels_do(calib_ids):
     """The value-width attention (values padded for torch's fused kernel) against the stock model
     whose removed value channels are zeroed: same logits, with and without the KV cache."""
-    import copy
     zeroed = make_tiny_llama()
     narrow = copy.deepcopy(zeroed)
     keep = torch.tensor([0, 2, 3, 5, 6, 7])  # of each 8-wide head
