@@ -2,12 +2,14 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 from transformers import AutoModelForCausalLM
 
 from prunekit.checkpoint import save_checkpoint
 from prunekit.errors import UserInputError
 from prunekit.models import LoadedModel, load_model
-from prunekit.pruning.fasp import column_scores, kept_width, restore_columns
+from prunekit.pruning.engine import InputStats
+from prunekit.pruning.fasp import FaspPruner, column_scores, kept_width, restore_columns
 from prunekit.pruning.run import prune
 from prunekit.pruning.structure import set_value_head_dim, shrink_linear
 
@@ -60,6 +62,23 @@ def test_restoration_refits_and_never_loses_on_held_out():
     few = X[:9]
     new, info = restore_columns(W, keep, few.T @ few, Xh.T @ Xh, (1e-6,))
     assert err(new) <= err(W[:, keep]) + 1e-3
+
+
+def test_attention_refit_does_not_rebuild_a_removed_channels_mean():
+    # The removed channel shares only its calibration mean with the kept one: a refit on XᵀX
+    # rebuilds that mean from the kept channel (wrong on text with other means); o_proj's does not.
+    torch.manual_seed(0)
+    stats = InputStats(2, want_gram=True)
+    for held_out in (False,) * 7 + (True,):
+        stats.add(torch.randn(500, 2) * 0.1 + 5.0, held_out)
+    consumer = nn.Linear(2, 1, bias=False)
+    consumer.weight.data = torch.tensor([[1.0, 1.0]])
+    keep = torch.tensor([0])
+    pruner = FaspPruner(0.5)
+    centered, _ = pruner._refit(consumer, keep, stats, centered=True, tolerance=0.0)
+    plain, _ = pruner._refit(consumer, keep, stats, centered=False, tolerance=0.0)
+    assert abs(centered.item() - 1.0) < 0.05  # ≈ the cut: no covariance to fit
+    assert plain.item() > 1.5  # toward 2: the kept channel stands in for the removed one's mean
 
 
 @pytest.mark.parametrize("granularity", ["channels", "heads"])

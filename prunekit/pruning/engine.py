@@ -40,8 +40,8 @@ class InputStats:
     """Running statistics of the inputs X (tokens x features) of one group of linear layers.
 
     ``sumsq`` gives Wanda's ‖X_j‖₂² over every token; ``gram`` is XᵀX, for methods that solve
-    least squares. Its held-out split is kept apart so a method can check a refit on tokens it did
-    not fit on.
+    least squares, and ``covariance`` the same about the mean of all calibration tokens. The
+    held-out split is kept apart so a method can check a refit on tokens it did not fit on.
     """
 
     features: int
@@ -49,18 +49,24 @@ class InputStats:
     sumsq: torch.Tensor = None
     _gram_upper: torch.Tensor = None
     _held_gram_upper: torch.Tensor = None
+    _sums: torch.Tensor = None  # per split (fit, held out): Σ_t x_t
+    _tokens: list = None  # per split: token count
 
     def __post_init__(self):
         self.sumsq = torch.zeros(self.features, dtype=torch.float64)
         if self.want_gram:
             self._gram_upper = torch.zeros(self.features, self.features, dtype=torch.float64)
             self._held_gram_upper = torch.zeros_like(self._gram_upper)
+            self._sums = torch.zeros(2, self.features, dtype=torch.float64)
+            self._tokens = [0, 0]
 
     def add(self, x: torch.Tensor, held_out: bool):
         x = x.reshape(-1, x.shape[-1]).to(torch.float32)
         self.sumsq += (x * x).sum(0).to(self.sumsq.device, torch.float64)
         if self.want_gram:
             add_upper_gram(self._held_gram_upper if held_out else self._gram_upper, x)
+            self._sums[int(held_out)] += x.sum(0).to(self._sums.device, torch.float64)
+            self._tokens[int(held_out)] += x.shape[0]
 
     @property
     def gram(self) -> torch.Tensor | None:
@@ -69,6 +75,26 @@ class InputStats:
     @property
     def held_gram(self) -> torch.Tensor | None:
         return symmetric(self._held_gram_upper) if self.want_gram else None
+
+    @property
+    def mean(self) -> torch.Tensor | None:
+        """Mean input over every calibration token, fit and held out."""
+        return self._sums.sum(0) / max(sum(self._tokens), 1) if self.want_gram else None
+
+    @property
+    def covariance(self) -> torch.Tensor | None:
+        """Σ_t (x_t − μ)(x_t − μ)ᵀ over the fit tokens, μ = ``mean``."""
+        return self._centered(self.gram, self._sums[0], self._tokens[0]) if self.want_gram else None
+
+    @property
+    def held_covariance(self) -> torch.Tensor | None:
+        return self._centered(self.held_gram, self._sums[1], self._tokens[1]) if self.want_gram else None
+
+    def _centered(self, gram: torch.Tensor, sums: torch.Tensor, tokens: int) -> torch.Tensor:
+        # Σ (x − μ)(x − μ)ᵀ = XᵀX − s μᵀ − μ sᵀ + n μ μᵀ, with s = Σ x over the same tokens
+        mu = self.mean
+        cross = torch.outer(sums, mu)
+        return gram - cross - cross.T + tokens * torch.outer(mu, mu)
 
     @property
     def norm(self) -> torch.Tensor:

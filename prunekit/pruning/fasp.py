@@ -3,7 +3,8 @@
 Removing input column j of ``down_proj`` also removes output row j of ``gate_proj``/``up_proj``;
 removing a value channel (kv head g, dim d) removes ``o_proj`` column (h, d) of every query head h
 of group g. Columns are scored with Wanda's metric summed over the column, and the consuming layer's
-kept columns are refit by ridge least squares when a held-out slice says the refit helps.
+kept columns are refit by ridge least squares when a held-out slice says the refit helps: down_proj
+on XᵀX, o_proj on the covariance of its inputs (about their calibration mean).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ def restore_columns(weight: torch.Tensor, keep: torch.Tensor, gram: torch.Tensor
                     tolerance: float = 0.0) -> tuple[torch.Tensor, dict]:
     """Refit the kept columns S so that W'·X_S matches W·X, shrunk toward the plain cut W_S:
     W' = (W G[:,S] + λ W_S) (G[S,S] + λI)⁻¹ (λ relative to the mean of diag G[S,S]; λ → ∞ is the cut).
+    G is XᵀX, or the covariance of X to match only the variation about the mean of X.
 
     Each λ and the cut itself are scored on held-out tokens, so the refit never makes the layer
     worse than the cut on unseen tokens of the calibration text. Text unlike it gains less from
@@ -111,7 +113,11 @@ class FaspPruner:
     restore: bool = True
     held_out_fraction: float = 0.125
     lambdas: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
-    tolerance: float = 0.1  # of the held-out gain, given up for a refit closer to the cut
+    # Of the held-out gain, given up for a refit closer to the cut (see restore_columns). down_proj's
+    # refit carries its gain to text unlike the calibration set; o_proj's mostly does not, unless
+    # fit about the mean and shrunk well past the held-out optimum (README, structured results).
+    mlp_tolerance: float = 0.0
+    attention_tolerance: float = 0.5
     score: str = "activation"  # "weight": the magnitude-norm baseline, blind to activations
     _digest: "hashlib._Hash" = field(default_factory=hashlib.sha256, repr=False)
     _restoration: list = field(default_factory=list, repr=False)
@@ -185,11 +191,14 @@ class FaspPruner:
         norm = stats.norm if self.score == "activation" else torch.ones(weight.shape[1])
         return column_scores(weight.float().cpu(), norm)  # indices are built on the CPU
 
-    def _refit(self, consumer: nn.Linear, keep: torch.Tensor, stats: InputStats):
+    def _refit(self, consumer: nn.Linear, keep: torch.Tensor, stats: InputStats, centered: bool,
+               tolerance: float):
+        """``centered``: fit how the removed channels vary with the kept ones about their calibration
+        mean, not that mean itself (see ``_prune_values``)."""
         if not self.restore:
             return consumer.weight.data[:, keep.to(consumer.weight.device)], {"lambda": None, "reason": "restoration off"}
-        return restore_columns(consumer.weight.data, keep, stats.gram, stats.held_gram, self.lambdas,
-                               self.tolerance)
+        gram, held = (stats.covariance, stats.held_covariance) if centered else (stats.gram, stats.held_gram)
+        return restore_columns(consumer.weight.data, keep, gram, held, self.lambdas, tolerance)
 
     def _record(self, kind: str, keep: torch.Tensor, info: dict):
         self._digest.update(kind.encode() + keep.cpu().numpy().astype("int64").tobytes())
@@ -199,7 +208,7 @@ class FaspPruner:
         down = mlp.get_submodule(arch.down)
         scores = self._scores(down.weight.data, stats)
         keep = torch.sort(torch.topk(scores, kept).indices).values
-        weight, info = self._refit(down, keep, stats)
+        weight, info = self._refit(down, keep, stats, centered=False, tolerance=self.mlp_tolerance)
         setattr(mlp, arch.gate, shrink_linear(mlp.get_submodule(arch.gate), rows=keep))
         setattr(mlp, arch.up, shrink_linear(mlp.get_submodule(arch.up), rows=keep))
         setattr(mlp, arch.down, shrink_linear(down, weight=weight))
@@ -221,7 +230,10 @@ class FaspPruner:
         v_rows = (keep_dims + offsets).reshape(-1)
         o_dims = keep_dims.repeat_interleave(group, dim=0)  # (heads, v_dim)
         o_cols = (o_dims + torch.arange(heads).unsqueeze(1) * old_dim).reshape(-1)
-        weight, info = self._refit(o, o_cols, stats)
+        # o_proj is refit about its inputs' mean: rebuilding the removed value channels' calibration
+        # mean from the kept channels fits the calibration text and costs on other text.
+        weight, info = self._refit(o, o_cols, stats, centered=True,
+                                   tolerance=self.attention_tolerance)
         setattr(attention, arch.v, shrink_linear(attention.get_submodule(arch.v), rows=v_rows))
         setattr(attention, arch.o, shrink_linear(o, weight=weight))
         set_value_head_dim(attention, v_dim)
@@ -242,7 +254,8 @@ class FaspPruner:
         kv_rows = (keep_kv.unsqueeze(1) * head_dim + dims).reshape(-1)
         keep_q = (keep_kv.unsqueeze(1) * group + torch.arange(group)).reshape(-1)
         q_rows = (keep_q.unsqueeze(1) * head_dim + dims).reshape(-1)
-        weight, info = self._refit(o, q_rows, stats)
+        weight, info = self._refit(o, q_rows, stats, centered=True,
+                                   tolerance=self.attention_tolerance)
         for name, rows in ((arch.q, q_rows), (arch.k, kv_rows), (arch.v, kv_rows)):
             setattr(attention, name, shrink_linear(attention.get_submodule(name), rows=rows))
         setattr(attention, arch.o, shrink_linear(o, weight=weight))
