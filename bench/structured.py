@@ -1,5 +1,6 @@
 """Structured pruning benchmark on the fixed protocol (see protocol.py): FASP, FASP without
-restoration (ablation) and the magnitude-norm baseline (weights only, blind to activations), at
+restoration and with the o_proj refit on XᵀX (ablations), and the magnitude-norm baseline (weights
+only, blind to activations), at
 10/20/30/50% of the prunable channels, with measured ONNX Runtime latency (fp32, this machine)
 of each ratio's FASP model (the other methods give the same shapes).
 
@@ -18,6 +19,8 @@ from protocol import run_rows  # noqa: E402
 METHODS = {
     "fasp": {},
     "fasp-norestore": {"restore": False},
+    # the o_proj refit on XᵀX, both refits keeping 90% of their held-out gain: the previous restoration
+    "fasp-xtx": {"centered_attention": False, "attention_tolerance": 0.1, "mlp_tolerance": 0.1},
     "magnitude-norm": {"restore": False, "score": "weight"},
 }
 # The cpu-onnx profile's channel multiple; value heads round to FaspPruner's value multiple (4).

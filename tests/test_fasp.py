@@ -64,7 +64,7 @@ def test_restoration_refits_and_never_loses_on_held_out():
     assert err(new) <= err(W[:, keep]) + 1e-3
 
 
-def test_attention_refit_does_not_rebuild_a_removed_channels_mean():
+def test_centered_refit_does_not_rebuild_a_removed_channels_mean():
     # The removed channel shares only its calibration mean with the kept one: a refit on XᵀX
     # rebuilds that mean from the kept channel (wrong on text with other means); o_proj's does not.
     torch.manual_seed(0)

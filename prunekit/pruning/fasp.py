@@ -118,6 +118,7 @@ class FaspPruner:
     # fit about the mean and shrunk well past the held-out optimum (README, structured results).
     mlp_tolerance: float = 0.0
     attention_tolerance: float = 0.5
+    centered_attention: bool = True  # False: o_proj refit on XᵀX like down_proj (the bench's ablation)
     score: str = "activation"  # "weight": the magnitude-norm baseline, blind to activations
     _digest: "hashlib._Hash" = field(default_factory=hashlib.sha256, repr=False)
     _restoration: list = field(default_factory=list, repr=False)
@@ -232,7 +233,7 @@ class FaspPruner:
         o_cols = (o_dims + torch.arange(heads).unsqueeze(1) * old_dim).reshape(-1)
         # o_proj is refit about its inputs' mean: rebuilding the removed value channels' calibration
         # mean from the kept channels fits the calibration text and costs on other text.
-        weight, info = self._refit(o, o_cols, stats, centered=True,
+        weight, info = self._refit(o, o_cols, stats, centered=self.centered_attention,
                                    tolerance=self.attention_tolerance)
         setattr(attention, arch.v, shrink_linear(attention.get_submodule(arch.v), rows=v_rows))
         setattr(attention, arch.o, shrink_linear(o, weight=weight))
@@ -254,7 +255,7 @@ class FaspPruner:
         kv_rows = (keep_kv.unsqueeze(1) * head_dim + dims).reshape(-1)
         keep_q = (keep_kv.unsqueeze(1) * group + torch.arange(group)).reshape(-1)
         q_rows = (keep_q.unsqueeze(1) * head_dim + dims).reshape(-1)
-        weight, info = self._refit(o, q_rows, stats, centered=True,
+        weight, info = self._refit(o, q_rows, stats, centered=self.centered_attention,
                                    tolerance=self.attention_tolerance)
         for name, rows in ((arch.q, q_rows), (arch.k, kv_rows), (arch.v, kv_rows)):
             setattr(attention, name, shrink_linear(attention.get_submodule(name), rows=rows))
