@@ -1,8 +1,7 @@
 """Structured pruning benchmark on the fixed protocol (see protocol.py): FASP, FASP without
 restoration and with the o_proj refit on XᵀX (ablations), and the magnitude-norm baseline (weights
-only, blind to activations), at
-10/20/30/50% of the prunable channels, with measured ONNX Runtime latency (fp32, this machine)
-of each ratio's FASP model (the other methods give the same shapes).
+only, blind to activations), at 10/20/30/50% of the prunable channels, with measured ONNX Runtime
+latency (fp32, this machine) of each ratio's FASP model (the other methods give the same shapes).
 
     python bench/structured.py [--ratios 0.2,0.3] [--methods fasp,fasp-norestore] [--no-latency]
 """
