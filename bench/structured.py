@@ -1,9 +1,11 @@
 """Structured pruning benchmark on the fixed protocol (see protocol.py): FASP, FASP without
-restoration and with the o_proj refit on XᵀX (ablations), and the magnitude-norm baseline (weights
-only, blind to activations), at 10/20/30/50% of the prunable channels, with measured ONNX Runtime
-latency (fp32, this machine) of each ratio's FASP model (the other methods give the same shapes).
+restoration (ablation) and the magnitude-norm baseline (weights only, blind to activations), at
+10/20/30/50% of the prunable channels, with measured ONNX Runtime latency (fp32, this machine)
+of each ratio's FASP model (the other methods give the same shapes); on request, ablations of
+FASP's o_proj refit (ABLATIONS).
 
     python bench/structured.py [--ratios 0.2,0.3] [--methods fasp,fasp-norestore] [--no-latency]
+    python bench/structured.py --no-dense --no-latency --ratios 0.2 --methods fasp-xtx,fasp-xtx-shrunk,fasp-centered-sharp
 """
 
 from __future__ import annotations
@@ -18,9 +20,14 @@ from protocol import run_rows  # noqa: E402
 METHODS = {
     "fasp": {},
     "fasp-norestore": {"restore": False},
-    # the o_proj refit on XᵀX, both refits keeping 90% of their held-out gain: the previous restoration
-    "fasp-xtx": {"centered_attention": False, "attention_tolerance": 0.1, "mlp_tolerance": 0.1},
     "magnitude-norm": {"restore": False, "score": "weight"},
+}
+# The o_proj refit's two parts apart, run on request (--methods): not in the default table.
+ABLATIONS = {
+    # on XᵀX, both refits keeping 90% of their held-out gain: the restoration before the change
+    "fasp-xtx": {"centered_attention": False, "attention_tolerance": 0.1, "mlp_tolerance": 0.1},
+    "fasp-xtx-shrunk": {"centered_attention": False},  # on XᵀX, shrunk as FASP's
+    "fasp-centered-sharp": {"attention_tolerance": 0.1},  # about the mean, shrunk as fasp-xtx's
 }
 # The cpu-onnx profile's channel multiple; value heads round to FaspPruner's value multiple (4).
 CHANNEL_MULTIPLE = 32
@@ -48,7 +55,7 @@ def table(rows: list[dict]) -> str:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ratios", default="0.1,0.2,0.3,0.5")
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"also: {', '.join(ABLATIONS)}")
     parser.add_argument("--no-dense", action="store_true", help="skip the dense row")
     parser.add_argument("--no-latency", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("bench/results/structured.json"))
@@ -59,7 +66,7 @@ def main():
         for method in args.methods.split(","):
             specs.append({"name": f"{method} {ratio:g}", "method": "fasp", "pattern": "structured",
                           "sparsity": ratio, "latency": latency and method == TIMED_METHOD,
-                          "options": {"channel_multiple": CHANNEL_MULTIPLE, **METHODS[method]}})
+                          "options": {"channel_multiple": CHANNEL_MULTIPLE, **{**METHODS, **ABLATIONS}[method]}})
     rows = run_rows(specs, args.out)
     print(table(rows))
     print(f"\nJSON: {args.out}")
