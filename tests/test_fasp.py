@@ -81,6 +81,30 @@ def test_centered_refit_does_not_rebuild_a_removed_channels_mean():
     assert plain.item() > 1.5  # toward 2: the kept channel stands in for the removed one's mean
 
 
+def test_centered_refit_keeps_the_cuts_output_mean():
+    # A covariance does not see the output mean: unconstrained, the centered refit moves W'μ_S
+    # away from the cut's; held at the cut's, it still fits the variation better than the cut.
+    torch.manual_seed(0)
+    stats = InputStats(6, want_gram=True)
+    mix, offset = torch.randn(6, 6), torch.tensor([3.0, -2.0, 1.0, 4.0, 0.5, -1.0])
+    for held_out in (False,) * 7 + (True,):
+        stats.add(torch.randn(400, 6) @ mix + offset, held_out)
+    consumer = nn.Linear(6, 3, bias=False)
+    torch.nn.init.normal_(consumer.weight)
+    keep = torch.tensor([0, 2, 3, 5])
+    mu, cut = stats.mean[keep].float(), consumer.weight.data[:, keep]
+    held, _ = FaspPruner(0.5)._refit(consumer, keep, stats, centered=True, tolerance=0.0)
+    free, _ = FaspPruner(0.5, keep_cut_mean=False)._refit(consumer, keep, stats, centered=True, tolerance=0.0)
+    assert torch.allclose(held @ mu, cut @ mu, atol=1e-4)
+    assert (free @ mu - cut @ mu).abs().max() > 0.1
+    C, full = stats.held_covariance.float(), consumer.weight.data
+
+    def heldout_error(w):  # ‖w X_S − W X‖² about the mean, on the held-out tokens
+        return float((full @ C @ full.T).trace() - 2 * (w @ C[keep] @ full.T).trace()
+                     + (w @ C[keep][:, keep] @ w.T).trace())
+    assert heldout_error(held) < heldout_error(cut)
+
+
 @pytest.mark.parametrize("granularity", ["channels", "heads"])
 @pytest.mark.parametrize("sparsity", [0.1, 0.3, 0.5])
 def test_fasp_shapes_generate_and_reload(tokenizer, calib_ids, tmp_path, granularity, sparsity):

@@ -4,7 +4,8 @@ Removing input column j of ``down_proj`` also removes output row j of ``gate_pro
 removing a value channel (kv head g, dim d) removes ``o_proj`` column (h, d) of every query head h
 of group g. Columns are scored with Wanda's metric summed over the column, and the consuming layer's
 kept columns are refit by ridge least squares when a held-out slice says the refit helps: down_proj
-on XᵀX, o_proj on the covariance of its inputs (about their calibration mean).
+on XᵀX, o_proj on the covariance of its inputs (about their calibration mean) with its output mean
+held at the cut's.
 """
 
 from __future__ import annotations
@@ -41,26 +42,33 @@ def kept_width(total: int, sparsity: float, multiple: int, up: bool = False) -> 
     return min(max(kept, multiple), total)
 
 
-def ridge_toward_cut(G_SS: torch.Tensor, rhs: torch.Tensor, cut: torch.Tensor, lam: float) -> torch.Tensor | None:
+def ridge_toward_cut(G_SS: torch.Tensor, rhs: torch.Tensor, cut: torch.Tensor, lam: float,
+                     mean: torch.Tensor | None = None) -> torch.Tensor | None:
     """W' = (rhs + λ·s W_S)(G[S,S] + λ·s I)⁻¹ with rhs = W G[:,S] and s the mean of diag G[S,S];
-    None when the system is not positive definite."""
+    None when the system is not positive definite. With ``mean`` (μ_S), the least-squares W' under
+    W' μ_S = W_S μ_S: the refit keeps the cut's output mean."""
     ridge = lam * torch.diag(G_SS).mean()
     factor, failed = torch.linalg.cholesky_ex(G_SS + ridge * torch.eye(G_SS.shape[0], dtype=G_SS.dtype))
     if failed:
         return None
-    return torch.cholesky_solve((rhs + ridge * cut).T, factor).T
+    refit = torch.cholesky_solve((rhs + ridge * cut).T, factor).T
+    if mean is None:
+        return refit
+    direction = torch.cholesky_solve(mean.reshape(-1, 1), factor).reshape(-1)  # H⁻¹ μ_S
+    return refit + torch.outer((cut - refit) @ mean, direction) / (mean @ direction)
 
 
 def restore_columns(weight: torch.Tensor, keep: torch.Tensor, gram: torch.Tensor,
                     held_gram: torch.Tensor | None, lambdas: tuple[float, ...],
-                    tolerance: float = 0.0) -> tuple[torch.Tensor, dict]:
+                    tolerance: float = 0.0, mean: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """Refit the kept columns S so that W'·X_S matches W·X, shrunk toward the plain cut W_S:
     W' = (W G[:,S] + λ W_S) (G[S,S] + λI)⁻¹ (λ relative to the mean of diag G[S,S]; λ → ∞ is the cut).
-    G is XᵀX, or the covariance of X to match only the variation about the mean of X.
+    G is XᵀX, or the covariance of X to match only the variation about the mean of X; then
+    ``mean`` (the mean of X) holds W'μ_S at the cut's W_S μ_S.
 
     Each λ and the cut itself are scored on held-out tokens, so the refit never makes the layer
-    worse than the cut on unseen tokens of the calibration text. Text unlike it gains less from
-    the refit than the held-out slice says, so of the λ whose held-out error is within
+    worse than the cut on unseen tokens of the calibration text. With a ``tolerance``, of the λ
+    whose held-out error is within
     ``tolerance`` × (the best gain over the cut) of the best, the largest, most cut-like, wins.
     The held-out error is unimodal in λ (overfit, then back to the cut): the search, in increasing
     λ, stops once past the best and outside the tolerance. The chosen λ is then refit on the fit
@@ -80,6 +88,7 @@ def restore_columns(weight: torch.Tensor, keep: torch.Tensor, gram: torch.Tensor
         return target - 2 * float((candidate * cross_with).sum()) + float((candidate @ Gh_SS * candidate).sum())
 
     G_SS, rhs = G[keep][:, keep], W @ G[:, keep]
+    mean_S = None if mean is None else mean.to(torch.float64)[keep]
     cut_error = heldout_error(cut)
 
     def within_tolerance(error: float, best: float) -> bool:
@@ -87,7 +96,7 @@ def restore_columns(weight: torch.Tensor, keep: torch.Tensor, gram: torch.Tensor
 
     tried = []  # (λ, held-out error), λ increasing
     for lam in sorted(lambdas):
-        candidate = ridge_toward_cut(G_SS, rhs, cut, lam)
+        candidate = ridge_toward_cut(G_SS, rhs, cut, lam, mean_S)
         if candidate is None:
             continue  # not positive definite at this λ: a larger one will be
         tried.append((lam, heldout_error(candidate)))
@@ -98,7 +107,7 @@ def restore_columns(weight: torch.Tensor, keep: torch.Tensor, gram: torch.Tensor
         best, best_lambda, error = cut, None, cut_error
     else:
         best_lambda, error = [t for t in tried if within_tolerance(t[1], best_error)][-1]
-        best = ridge_toward_cut(G_SS + Gh_SS, rhs + cross_with, cut, best_lambda)
+        best = ridge_toward_cut(G_SS + Gh_SS, rhs + cross_with, cut, best_lambda, mean_S)
     info = {"lambda": best_lambda,
             "heldout_error_vs_cut": round(error / cut_error, 4) if cut_error > 0 else 1.0}
     return best.to(weight.device, weight.dtype), info
@@ -113,12 +122,14 @@ class FaspPruner:
     restore: bool = True
     held_out_fraction: float = 0.125
     lambdas: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
-    # Of the held-out gain, given up for a refit closer to the cut (see restore_columns). down_proj's
-    # refit carries its gain to text unlike the calibration set; o_proj's mostly does not, unless
-    # fit about the mean and shrunk well past the held-out optimum (README, structured results).
+    # Of the held-out gain, given up for a refit closer to the cut (see restore_columns); the
+    # bench's ablations set them, the defaults take the held-out optimum.
     mlp_tolerance: float = 0.0
-    attention_tolerance: float = 0.5
-    centered_attention: bool = True  # False: o_proj refit on XᵀX like down_proj (the bench's ablation)
+    attention_tolerance: float = 0.0
+    # o_proj: refit about its inputs' calibration mean, not on XᵀX (False: the bench's fasp-xtx) ...
+    centered_attention: bool = True
+    # ... with the refit's output mean held at the cut's (False: free to drift; fasp-free-mean).
+    keep_cut_mean: bool = True
     score: str = "activation"  # "weight": the magnitude-norm baseline, blind to activations
     _digest: "hashlib._Hash" = field(default_factory=hashlib.sha256, repr=False)
     _restoration: list = field(default_factory=list, repr=False)
@@ -195,11 +206,13 @@ class FaspPruner:
     def _refit(self, consumer: nn.Linear, keep: torch.Tensor, stats: InputStats, centered: bool,
                tolerance: float):
         """``centered``: fit how the removed channels vary with the kept ones about their calibration
-        mean, not that mean itself (see ``_prune_values``)."""
+        mean, not that mean itself (see ``_prune_values``); a covariance does not see the output
+        mean, so ``keep_cut_mean`` holds it where the cut leaves it."""
         if not self.restore:
             return consumer.weight.data[:, keep.to(consumer.weight.device)], {"lambda": None, "reason": "restoration off"}
         gram, held = (stats.covariance, stats.held_covariance) if centered else (stats.gram, stats.held_gram)
-        return restore_columns(consumer.weight.data, keep, gram, held, self.lambdas, tolerance)
+        mean = stats.mean if centered and self.keep_cut_mean else None
+        return restore_columns(consumer.weight.data, keep, gram, held, self.lambdas, tolerance, mean)
 
     def _record(self, kind: str, keep: torch.Tensor, info: dict):
         self._digest.update(kind.encode() + keep.cpu().numpy().astype("int64").tobytes())
@@ -232,7 +245,8 @@ class FaspPruner:
         o_dims = keep_dims.repeat_interleave(group, dim=0)  # (heads, v_dim)
         o_cols = (o_dims + torch.arange(heads).unsqueeze(1) * old_dim).reshape(-1)
         # o_proj is refit about its inputs' mean: rebuilding the removed value channels' calibration
-        # mean from the kept channels fits the calibration text and costs on other text.
+        # mean from the kept channels fits the calibration text and costs on other text; the refit
+        # leaves the output mean where the cut does, rather than letting it drift.
         weight, info = self._refit(o, o_cols, stats, centered=self.centered_attention,
                                    tolerance=self.attention_tolerance)
         setattr(attention, arch.v, shrink_linear(attention.get_submodule(arch.v), rows=v_rows))
