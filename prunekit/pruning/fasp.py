@@ -55,7 +55,10 @@ def ridge_toward_cut(G_SS: torch.Tensor, rhs: torch.Tensor, cut: torch.Tensor, l
     if mean is None:
         return refit
     direction = torch.cholesky_solve(mean.reshape(-1, 1), factor).reshape(-1)  # H⁻¹ μ_S
-    return refit + torch.outer((cut - refit) @ mean, direction) / (mean @ direction)
+    weight = float(mean @ direction)
+    if weight <= 0:
+        return refit  # inputs with zero mean: no output mean to hold
+    return refit + torch.outer((cut - refit) @ mean, direction) / weight
 
 
 def restore_columns(weight: torch.Tensor, keep: torch.Tensor, gram: torch.Tensor,
@@ -68,8 +71,8 @@ def restore_columns(weight: torch.Tensor, keep: torch.Tensor, gram: torch.Tensor
 
     Each λ and the cut itself are scored on held-out tokens, so the refit never makes the layer
     worse than the cut on unseen tokens of the calibration text. With a ``tolerance``, of the λ
-    whose held-out error is within
-    ``tolerance`` × (the best gain over the cut) of the best, the largest, most cut-like, wins.
+    whose held-out error is within ``tolerance`` × (the best gain over the cut) of the best, the
+    largest, most cut-like, wins.
     The held-out error is unimodal in λ (overfit, then back to the cut): the search, in increasing
     λ, stops once past the best and outside the tolerance. The chosen λ is then refit on the fit
     and held-out tokens together: the held-out slice only picks λ, its tokens still inform W'."""
