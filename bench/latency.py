@@ -18,9 +18,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from prunekit.evaluation import eval_windows
+from prunekit.evaluation import eval_windows, measure_quality
 from prunekit.exporters.latency import measure_in_subprocess
-from prunekit.exporters.onnx import OnnxDecoder, export_onnx, onnx_bytes, quantize_int8
+from prunekit.exporters.onnx import OnnxDecoder, export_onnx, onnx_bytes, onnx_logits, quantize_int8
 from prunekit.models import load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -60,7 +60,7 @@ def main():
             print(f"measuring {name}", file=sys.stderr, flush=True)
             rows.append({"name": name, "bytes": onnx_bytes(path), **measure_in_subprocess(path, repeats=args.repeats)})
             if windows is not None:
-                rows[-1]["wikitext2_ppl"] = OnnxDecoder(path).perplexity(windows)
+                rows[-1]["wikitext2_ppl"] = measure_quality(onnx_logits(OnnxDecoder(path)), windows).perplexity
     by_name = {r["name"]: r for r in rows}
     print("| variant | MB | prefill 128 ms | decode ms/token (median) | p90 | tokens/s | decode x dense fp32 "
           "| prefill x dense fp32 | peak RSS GB | ppl WikiText-2 |")

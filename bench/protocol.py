@@ -53,8 +53,13 @@ def run_row(spec: dict) -> dict:
         start = time.perf_counter()
         ids = calibration_ids(str(CALIB_FILE), loaded.tokenizer, CALIB_SAMPLES, CALIB_SEQLEN, SEED)
         options = spec.get("options", {})
+        pruner = None
+        if spec.get("fasp_variant"):
+            from fasp_variants import build
+
+            pruner, options = build(spec["fasp_variant"], spec["sparsity"], **options), {}
         result = prune(loaded, spec["method"], spec["sparsity"], spec["pattern"], calib_ids=ids,
-                       progress=False, **options)
+                       progress=False, pruner=pruner, **options)
         row["prune_seconds"] = time.perf_counter() - start  # calibration data included
         row["peak_rss_gb"] = peak_rss_gb()  # the dense copy for evaluation is included: ~0.54 GB
         row["mask_hash"] = result.mask_hash

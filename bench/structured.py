@@ -2,7 +2,7 @@
 restoration (ablation) and the magnitude-norm baseline (weights only, blind to activations), at
 10/20/30/50% of the prunable channels, with measured ONNX Runtime latency (fp32, this machine)
 of each ratio's FASP model (the other methods give the same shapes); on request, ablations of
-FASP's o_proj refit (ABLATIONS), and rows at the reference implementation's widths.
+FASP's o_proj refit (fasp_variants.py), and rows at the reference implementation's widths.
 
     python bench/structured.py [--ratios 0.2,0.3] [--methods fasp,fasp-norestore] [--no-latency]
     python bench/structured.py --no-dense --no-latency --ratios 0.2,0.3 --methods fasp,fasp-norestore --reference-widths
@@ -16,19 +16,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fasp_variants import DEFAULT_TABLE, VARIANTS  # noqa: E402
 from protocol import run_rows  # noqa: E402
 
-METHODS = {
-    "fasp": {},
-    "fasp-norestore": {"restore": False},
-    "magnitude-norm": {"restore": False, "score": "weight"},
-}
-# The o_proj refit's parts apart, run on request (--methods): not in the default table.
-ABLATIONS = {
-    "fasp-xtx": {"centered_attention": False},  # on XᵀX: rebuilds the removed channels' mean
-    # about the mean, output mean free to drift, shrunk to half the held-out gain: the previous default
-    "fasp-free-mean": {"keep_cut_mean": False, "attention_tolerance": 0.5},
-}
 # The cpu-onnx profile's channel multiple; value heads round to FaspPruner's value multiple (4).
 CHANNEL_MULTIPLE = 32
 # The published reference numbers prune the ratio itself (1229 of 1536 MLP channels and 52 of 64
@@ -58,7 +48,7 @@ def table(rows: list[dict]) -> str:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ratios", default="0.1,0.2,0.3,0.5")
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"also: {', '.join(ABLATIONS)}")
+    parser.add_argument("--methods", default=",".join(DEFAULT_TABLE), help=f"any of: {', '.join(VARIANTS)}")
     parser.add_argument("--no-dense", action="store_true", help="skip the dense row")
     parser.add_argument("--no-latency", action="store_true")
     parser.add_argument("--reference-widths", action="store_true",
@@ -73,7 +63,7 @@ def main():
         for method in args.methods.split(","):
             specs.append({"name": f"{method} {ratio:g}{suffix}", "method": "fasp", "pattern": "structured",
                           "sparsity": ratio, "latency": latency and method == TIMED_METHOD,
-                          "options": {**widths, **{**METHODS, **ABLATIONS}[method]}})
+                          "fasp_variant": method, "options": widths})
     rows = run_rows(specs, args.out)
     print(table(rows))
     print(f"\nJSON: {args.out}")

@@ -1,52 +1,102 @@
-"""Command line: `deploy` (the main job) and `prunekit` with its subcommands.
+"""Command line: `deploy` (the main job) and `prunekit` with its subcommands. It parses and prints;
+the flows live in prunekit.pipeline. Nothing here imports torch, so `--help` and every input check
+answer at once.
 
-Exit codes: 0 success, 1 unexpected failure, 2 usage or input error, 3 quality gate failed.
+Exit codes: 0 success, 1 unexpected failure, 2 usage or input error, 3 quality gate failed,
+128 + N killed by signal N (130 Ctrl-C, 143 SIGTERM), always with nothing left behind.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import traceback
-from pathlib import Path
 
 from prunekit.errors import PrunekitError
-from prunekit.profile import METHODS, builtin_profile_names
+from prunekit.pattern import Pattern
+from prunekit.profile import builtin_profile_names
+from prunekit.pruning.registry import METHODS
 
-EXIT_CODES = """exit codes: 0 success · 1 unexpected failure · 2 usage or input error · 3 quality gate failed"""
+EXIT_CODES = ("exit codes: 0 success · 1 unexpected failure · 2 usage or input error · 3 quality gate "
+              "failed · 130/143 interrupted (SIGINT/SIGTERM), nothing left behind")
 
 
-def _fraction(text: str) -> float:
+class Parser(argparse.ArgumentParser):
+    """Usage errors as one `error:` line and exit 2, like every other input error."""
+
+    def error(self, message: str):
+        print(f"error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _number(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a finite number")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = _number(text)
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"sparsity {value} is out of range: use a fraction in [0, 1), e.g. 0.5")
     return value
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+def _non_negative(text: str) -> float:
+    value = _number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 0")
     return value
 
 
-def _parser(prog: str, description: str, examples: str) -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(prog=prog, description=description,
-                                   epilog=f"examples:\n{examples}\n\n{EXIT_CODES}",
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+def _integer(low: int, high: int | None = None, what: str = ""):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{value} is out of range: {what or f'use at least {low}'}")
+        return value
+    return parse
+
+
+def _pattern(text: str) -> str:
+    from prunekit.errors import UserInputError
+
+    try:
+        return str(Pattern.parse(text))
+    except UserInputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+_positive = _integer(1)
+_seqlen = _integer(2, what="a sequence needs at least 2 tokens")
+_seed = _integer(0, 2**63 - 1, "use an integer in [0, 2^63 - 1]")
+
+
+def _parser(prog: str, description: str, examples: str, parser=Parser, **kwargs) -> argparse.ArgumentParser:
+    return parser(prog=prog, description=description, epilog=f"examples:\n{examples}\n\n{EXIT_CODES}",
+                  formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
 
 
 def _add_model(p):
     p.add_argument("--model", help="Hugging Face id, local folder or .gguf file "
                                    "(default: the embedded SmolLM2-135M-Instruct)")
+
+
+def _add_output(p, required=False):
+    p.add_argument("--out", required=required, help="output folder" + ("" if required else
+                                                                        " (default prunekit-out/TARGET)"))
+    p.add_argument("--force", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
 
 
 def _add_pruning(p, required_method=False):
@@ -55,50 +105,53 @@ def _add_pruning(p, required_method=False):
     p.add_argument("--sparsity", type=_fraction,
                    help="structured: fraction of prunable channels removed; unstructured/N:M: fraction "
                         "of weights zeroed per layer")
-    p.add_argument("--pattern", help="structured, unstructured, or N:M such as 2:4 or 4:8")
+    p.add_argument("--pattern", type=_pattern, help="structured, unstructured, or N:M such as 2:4 or 4:8")
     p.add_argument("--granularity", choices=("channels", "heads"), default="channels",
                    help="FASP: remove value channels (default) or whole key/value head groups")
     p.add_argument("--calib", help="calibration source: a text file, wikitext2, c4, or self "
                                    "(text generated by the model; default from the target)")
     p.add_argument("--calib-samples", type=_positive, help="calibration samples N")
-    p.add_argument("--calib-seqlen", type=_positive, help="tokens per calibration sample L")
-    p.add_argument("--seed", type=int, default=0, help="seed for calibration sampling (default 0)")
+    p.add_argument("--calib-seqlen", type=_seqlen, help="tokens per calibration sample L")
+    p.add_argument("--seed", type=_seed, default=0, help="seed for calibration sampling (default 0)")
 
 
 def _add_eval(p):
     p.add_argument("--eval", action="append", metavar="[LANG=]SRC",
                    help="evaluation text (file, wikitext2, c4 or pydoc), repeatable; tag by language "
                         "to report each separately (default: pydoc, Python's own documentation)")
-    p.add_argument("--eval-seqlen", type=_positive, default=512, help="tokens per window (default 512)")
-    p.add_argument("--eval-windows", type=int, default=16,
+    p.add_argument("--eval-seqlen", type=_seqlen, default=512, help="tokens per window (default 512)")
+    p.add_argument("--eval-windows", type=_integer(0), default=16,
                    help="first K windows of each text; 0 for all (default 16)")
 
 
-def _deploy_parser(prog="deploy"):
-    p = _parser(prog, "Prune, quantize and export a language model for one target, with a report.",
-                "  deploy --target cpu-onnx\n"
-                "  deploy --target coreml-iphone13 --out build/llm --force\n"
-                "  deploy --target cpu-onnx --calib ../shared/data/wikitext-2/wiki.valid.tokens \\\n"
-                "         --eval en=wiki.test.raw --max-ppl-increase 60\n"
-                "  deploy --target ./my-board.toml --method wanda --pattern 2:4")
+def _add_precision(p):
+    p.add_argument("--int8", dest="int8", action="store_true", default=None, help="quantize to INT8")
+    p.add_argument("--no-int8", dest="int8", action="store_false", help="keep float weights")
+
+
+def _deploy_arguments(p):
     p.add_argument("--target", required=True,
                    help=f"built-in target ({', '.join(builtin_profile_names())}) or a profile .toml")
     _add_model(p)
-    p.add_argument("--out", help="output folder (default prunekit-out/TARGET)")
-    p.add_argument("--force", action="store_true", help="replace an existing --out folder")
+    _add_output(p)
     _add_pruning(p)
-    p.add_argument("--int8", dest="int8", action="store_true", default=None, help="quantize to INT8")
-    p.add_argument("--no-int8", dest="int8", action="store_false", help="keep float weights")
+    _add_precision(p)
     p.add_argument("--int8-flavour", choices=("weight-only", "dynamic", "qdq"), default="weight-only",
                    help="ONNX INT8: weight-only (default, near-lossless), dynamic W8A8 (down_proj and "
-                        "lm_head kept fp32) or qdq (static, calibrated on the evaluation windows' first 8)")
+                        "lm_head kept fp32) or qdq (static, calibrated on calibration tokens)")
     _add_eval(p)
-    p.add_argument("--max-ppl-increase", type=float, metavar="PCT",
-                   help="quality gate: exit 3 if perplexity rises more than PCT percent")
-    p.add_argument("--max-kl", type=float, help="quality gate: exit 3 if mean KL exceeds this")
+    p.add_argument("--max-ppl-increase", type=_non_negative, metavar="PCT",
+                   help="quality gate: exit 3 if the shipped model's perplexity rises more than PCT percent")
+    p.add_argument("--max-kl", type=_non_negative, help="quality gate: exit 3 if mean KL exceeds this")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
-    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
-    return p
+
+
+DEPLOY_TEXT = ("Prune, quantize and export a language model for one target, with a report.",
+               "  deploy --target cpu-onnx\n"
+               "  deploy --target coreml-iphone13 --out build/llm --force\n"
+               "  deploy --target cpu-onnx --calib ../shared/data/wikitext-2/wiki.valid.tokens \\\n"
+               "         --eval en=wiki.test.raw --max-ppl-increase 60\n"
+               "  deploy --target ./my-board.toml --method wanda --pattern 2:4")
 
 
 def _run_deploy(args) -> int:
@@ -111,8 +164,8 @@ def _run_deploy(args) -> int:
                     max_ppl_increase=args.max_ppl_increase, max_kl=args.max_kl,
                     granularity=args.granularity, int8_flavour=args.int8_flavour, quiet=args.quiet)
     if args.json:
-        print(json.dumps(result.report, indent=2))
-    else:
+        print(json.dumps(result.report, indent=2, allow_nan=False))
+    elif not args.quiet:
         print(f"wrote {result.out} (report: {result.out / 'report.md'})")
     return 0
 
@@ -141,46 +194,31 @@ def _run_plan(args) -> int:
 
 
 def _run_prune(args) -> int:
-    from prunekit.checkpoint import save_checkpoint
-    from prunekit.models import load_model
-    from prunekit.outputs import check_output, staged_output
-    from prunekit.plan import parse_pattern
-    from prunekit.pruning.run import prune
+    from prunekit.pipeline import prune_to_folder
 
-    pattern = args.pattern or ("structured" if args.method == "fasp" else "unstructured")
-    parse_pattern(pattern)
-    out = Path(args.out)
-    check_output(out, args.force)
-    loaded = load_model(args.model)
-    options = {"granularity": args.granularity, "channel_multiple": args.channel_multiple,
-               "restore": not args.no_restore} if args.method == "fasp" else {}
-    result = prune(loaded, args.method, 0.5 if args.sparsity is None else args.sparsity, pattern,
-                   calib=args.calib or "self", calib_samples=args.calib_samples or 128,
-                   calib_seqlen=args.calib_seqlen or 512, seed=args.seed, progress=not args.quiet, **options)
-    with staged_output(out, args.force) as stage:
-        save_checkpoint(result.model, loaded.tokenizer, stage, result.manifest(loaded.source))
-    summary = {"out": str(out), "method": result.method, "pattern": result.pattern,
+    result = prune_to_folder(args.out, args.method, model=args.model, sparsity=args.sparsity,
+                             pattern=args.pattern, granularity=args.granularity,
+                             channel_multiple=args.channel_multiple, restore=not args.no_restore,
+                             calib=args.calib, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
+                             seed=args.seed, force=args.force, quiet=args.quiet)
+    summary = {"out": str(args.out), "method": result.method, "pattern": result.pattern,
                "sparsity": result.sparsity, "parameters_before": result.parameters_before,
                "parameters_after": result.parameters_after, "mask_hash": result.mask_hash,
                "check": result.check, "seconds": result.seconds,
                **{k: v for k, v in result.details.items() if k != "structure"}}
-    print(json.dumps(summary, indent=2) if args.json else
-          f"wrote {out}: {result.method} {result.pattern} {result.sparsity:g}, parameters "
-          f"{result.parameters_before:,} -> {result.parameters_after:,}, mask hash {result.mask_hash[:16]}")
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    elif not args.quiet:
+        print(f"wrote {args.out}: {result.method} {result.pattern} {result.sparsity:g}, parameters "
+              f"{result.parameters_before:,} -> {result.parameters_after:,}, mask hash {result.mask_hash[:16]}")
     return 0
 
 
 def _run_eval(args) -> int:
-    from prunekit.evaluation import evaluate_texts, parse_eval_spec
-    from prunekit.models import load_model
+    from prunekit.pipeline import evaluate
 
-    loaded = load_model(args.model)
-    dense = None
-    if args.dense:
-        dense = load_model(None if args.dense == "default" else args.dense).model
-    specs = [parse_eval_spec(s) for s in (args.eval or ["pydoc"])]
-    results = evaluate_texts(loaded.model, loaded.tokenizer, specs, args.eval_seqlen,
-                             args.eval_windows or None, dense=dense, progress=not args.quiet)
+    results = evaluate(args.model, args.eval, dense=args.dense, eval_seqlen=args.eval_seqlen,
+                       eval_windows=args.eval_windows or None, quiet=args.quiet)
     if args.json:
         print(json.dumps([r.as_dict() for r in results], indent=2))
         return 0
@@ -192,13 +230,12 @@ def _run_eval(args) -> int:
 
 
 def _run_export(args) -> int:
-    from prunekit.errors import UserInputError
-    from prunekit.exporters.run import export_model
+    from prunekit.pipeline import export
 
-    if not Path(args.model).is_dir():
-        raise UserInputError(f"--model {args.model} is not a folder: pass the folder `prunekit prune` wrote")
-    outcome = export_model(args.target, args.model, Path(args.out), args.force, args.int8, quiet=args.quiet)
-    print(f"{outcome.status}: {args.out}" + (f" ({outcome.reason})" if outcome.reason else ""))
+    outcome = export(args.target, args.model, args.out, args.force, args.int8, calib=args.calib,
+                     quiet=args.quiet)
+    if not args.quiet:
+        print(f"{outcome.status}: {args.out}" + (f" ({outcome.reason})" if outcome.reason else ""))
     return 0
 
 
@@ -222,6 +259,13 @@ def _run_profiles(args) -> int:
     return 0
 
 
+def _subcommand(sub, name: str, summary: str, examples: str, run):
+    p = sub.add_parser(name, help=summary, description=summary, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=f"examples:\n{examples}\n\n{EXIT_CODES}")
+    p.set_defaults(run=run)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     top = _parser("prunekit", "Make a language model fit the hardware it will run on.",
                   "  prunekit profiles list\n  prunekit plan --target coreml-iphone13\n"
@@ -230,101 +274,104 @@ def build_parser() -> argparse.ArgumentParser:
                   "  prunekit deploy --target cpu-onnx")
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    d = sub.add_parser("deploy", help="the whole job for one target (same as `deploy`)",
-                       parents=[], add_help=False)
-    for action in _deploy_parser("prunekit deploy")._actions:
-        d._add_action(action)
-    d.description, d.epilog = _deploy_parser().description, _deploy_parser().epilog
-    d.formatter_class = argparse.RawDescriptionHelpFormatter
-    d.set_defaults(run=_run_deploy)
+    _deploy_arguments(_subcommand(sub, "deploy", "the whole job for one target (same as `deploy`)",
+                                  DEPLOY_TEXT[1], _run_deploy))
 
-    p = sub.add_parser("plan", help="show the method, sparsity and precision chosen for a target, and why",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog="examples:\n  prunekit plan --target cpu-onnx\n"
-                              "  prunekit plan --target a100-tensorrt-sparse --json\n"
-                              f"  prunekit plan --target coreml-iphone13 --pattern 2:4\n\n{EXIT_CODES}")
+    p = _subcommand(sub, "plan", "show the method, sparsity and precision chosen for a target, and why",
+                    "  prunekit plan --target cpu-onnx\n  prunekit plan --target a100-tensorrt-sparse --json\n"
+                    "  prunekit plan --target coreml-iphone13 --pattern 2:4", _run_plan)
     p.add_argument("--target", required=True, help="built-in target or a profile .toml")
     _add_model(p)
     p.add_argument("--method", choices=METHODS)
-    p.add_argument("--pattern")
+    p.add_argument("--pattern", type=_pattern)
     p.add_argument("--sparsity", type=_fraction)
-    p.add_argument("--int8", dest="int8", action="store_true", default=None)
-    p.add_argument("--no-int8", dest="int8", action="store_false")
+    _add_precision(p)
     p.add_argument("--json", action="store_true")
-    p.set_defaults(run=_run_plan)
 
-    r = sub.add_parser("prune", help="prune a model and save a reloadable Hugging Face folder",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog="examples:\n  prunekit prune --method wanda --sparsity 0.5 --out wanda50/\n"
-                              "  prunekit prune --method sparsegpt --pattern 2:4 --calib wiki.valid.tokens --out sg24/\n"
-                              f"  prunekit prune --method fasp --sparsity 0.3 --out fasp30/\n\n{EXIT_CODES}")
+    r = _subcommand(sub, "prune", "prune a model and save a reloadable Hugging Face folder",
+                    "  prunekit prune --method wanda --sparsity 0.5 --calib wiki.valid.tokens --out wanda50/\n"
+                    "  prunekit prune --method sparsegpt --pattern 2:4 --calib wiki.valid.tokens --out sg24/\n"
+                    "  prunekit prune --method fasp --sparsity 0.3 --calib wiki.valid.tokens --out fasp30/",
+                    _run_prune)
     _add_model(r)
     _add_pruning(r, required_method=True)
     r.add_argument("--channel-multiple", type=_positive, default=32,
                    help="FASP: round kept MLP widths to this multiple (default 32)")
     r.add_argument("--no-restore", action="store_true", help="FASP: skip the least-squares restoration")
-    r.add_argument("--out", required=True, help="output folder")
-    r.add_argument("--force", action="store_true", help="replace an existing --out folder")
+    _add_output(r, required=True)
     r.add_argument("--json", action="store_true")
-    r.add_argument("--quiet", action="store_true")
-    r.set_defaults(run=_run_prune)
 
-    e = sub.add_parser("eval", help="perplexity, and KL / top-1 against a dense model",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog="examples:\n  prunekit eval --model pruned/ --eval en=wiki.test.raw\n"
-                              "  prunekit eval --model pruned/ --dense default --eval en=a.txt --eval sw=b.txt\n\n"
-                              f"{EXIT_CODES}")
+    e = _subcommand(sub, "eval", "perplexity, and KL / top-1 against a dense model",
+                    "  prunekit eval --model pruned/ --eval en=wiki.test.raw\n"
+                    "  prunekit eval --model pruned/ --dense default --eval en=a.txt --eval sw=b.txt", _run_eval)
     _add_model(e)
     e.add_argument("--dense", help="reference model for KL and top-1 ('default' = embedded model)")
     _add_eval(e)
     e.add_argument("--json", action="store_true")
-    e.add_argument("--quiet", action="store_true")
-    e.set_defaults(run=_run_eval)
+    e.add_argument("--quiet", action="store_true", help="print nothing but errors and results")
 
-    x = sub.add_parser("export", help="export a pruned folder to a target's artifact",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog=f"examples:\n  prunekit export --target cpu-onnx --model pruned/ --out onnx/\n\n{EXIT_CODES}")
+    x = _subcommand(sub, "export", "export a pruned folder to a target's artifact (with the plan in its "
+                                   "prunekit.json)",
+                    "  prunekit export --target cpu-onnx --model pruned/ --out onnx/\n"
+                    "  prunekit export --target a100-tensorrt-sparse --model wanda24/ --out trt/ --int8",
+                    _run_export)
     x.add_argument("--target", required=True)
     x.add_argument("--model", required=True, help="folder written by `prunekit prune`")
-    x.add_argument("--out", required=True)
-    x.add_argument("--force", action="store_true")
-    x.add_argument("--int8", dest="int8", action="store_true", default=None)
-    x.add_argument("--no-int8", dest="int8", action="store_false")
-    x.add_argument("--quiet", action="store_true")
-    x.set_defaults(run=_run_export)
+    x.add_argument("--calib", default="pydoc", help="text static INT8 calibrates on (default pydoc)")
+    _add_precision(x)
+    _add_output(x, required=True)
 
-    pr = sub.add_parser("profiles", help="list the built-in targets or show one",
-                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                        epilog="examples:\n  prunekit profiles list\n  prunekit profiles show cpu-onnx --json")
+    pr = _subcommand(sub, "profiles", "list the built-in targets or show one",
+                     "  prunekit profiles list\n  prunekit profiles show cpu-onnx --json", _run_profiles)
     pr.add_argument("action", choices=("list", "show"))
     pr.add_argument("name", nargs="?")
     pr.add_argument("--json", action="store_true")
-    pr.set_defaults(run=_run_profiles)
     return top
 
 
 def _dispatch(run, args) -> int:
+    from prunekit.progress import quiet_libraries
+    from prunekit.signals import Terminated, unwind_on_termination
+
+    unwind_on_termination()
+    quiet_libraries(getattr(args, "quiet", False))  # before torch loads tqdm, which reads TQDM_DISABLE once
     try:
         return run(args)
     except PrunekitError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("error: interrupted; nothing was written to the output folder", file=sys.stderr)
+        print("error: interrupted (SIGINT); nothing was written to the output folder", file=sys.stderr)
         return 130
+    except Terminated as exc:
+        print(f"error: terminated ({exc}); nothing was written to the output folder", file=sys.stderr)
+        return exc.exit_code
     except Exception as exc:  # the one place an unexpected failure becomes exit 1
         if os.environ.get("PRUNEKIT_DEBUG"):
             traceback.print_exc()
-        print(f"error: unexpected failure: {type(exc).__name__}: {exc} (set PRUNEKIT_DEBUG=1 for the "
-              f"traceback)", file=sys.stderr)
+        print(f"error: unexpected failure: {type(exc).__name__}: {_one_line(exc)} (set PRUNEKIT_DEBUG=1 for "
+              f"the traceback)", file=sys.stderr)
         return 1
 
 
+def _one_line(exc: Exception) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else ""
+
+
+def _parse_and_run(parser: argparse.ArgumentParser, argv: list[str] | None, run=None) -> int:
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2, already printed as one line)
+        return exc.code if isinstance(exc.code, int) else 2
+    return _dispatch(run or args.run, args)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return _dispatch(args.run, args)
+    return _parse_and_run(build_parser(), argv)
 
 
 def deploy_main(argv: list[str] | None = None) -> int:
-    args = _deploy_parser().parse_args(argv)
-    return _dispatch(_run_deploy, args)
+    parser = _parser("deploy", *DEPLOY_TEXT)
+    _deploy_arguments(parser)
+    return _parse_and_run(parser, argv, _run_deploy)

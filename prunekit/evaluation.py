@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -52,41 +53,70 @@ class Quality:
     dense_perplexity: float | None = None
     kl: float | None = None
     top1: float | None = None
+    runtime: str = "torch"  # what computed the logits: the torch model, or the shipped artifact's runtime
+
+    @property
+    def increase_pct(self) -> float | None:
+        return None if not self.dense_perplexity else 100 * (self.perplexity / self.dense_perplexity - 1)
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-@torch.no_grad()
-def _logits(model, window: torch.Tensor) -> torch.Tensor:
-    return model(window.unsqueeze(0), use_cache=False).logits[0, :-1].float()
+Logits = Callable[[torch.Tensor], torch.Tensor]  # a (seq,) window -> (seq - 1, vocab) next-token logits
+
+
+def torch_logits(model) -> Logits:
+    @torch.no_grad()
+    def logits(window: torch.Tensor) -> torch.Tensor:
+        return model(window.unsqueeze(0), use_cache=False).logits[0, :-1].float()
+    return logits
+
+
+def _as_logits(model_or_fn) -> Logits:
+    return model_or_fn if not isinstance(model_or_fn, torch.nn.Module) else torch_logits(model_or_fn)
 
 
 @torch.no_grad()
-def measure_quality(model, windows: torch.Tensor, dense=None, language: str = "default",
-                    source: str = "", progress: bool = False) -> Quality:
-    """Perplexity of ``model``; with ``dense`` given, also the dense perplexity, KL(dense ‖ model)
-    and top-1 agreement, window by window so no logits pile up."""
+def measure_qualities(candidates: dict[str, Logits], windows: torch.Tensor, dense=None,
+                      language: str = "default", source: str = "", progress: bool = False,
+                      runtimes: dict[str, str] | None = None) -> dict[str, Quality]:
+    """Perplexity of each candidate (a torch model, or any window -> logits function such as an
+    ONNX Runtime session); with ``dense`` given, also the dense perplexity, KL(dense ‖ candidate)
+    and top-1 agreement. One pass: each window's dense log-probabilities serve every candidate,
+    and no logits pile up across windows. The one NLL/KL arithmetic for every runtime."""
     from tqdm import tqdm
 
-    nll = dense_nll = kl = agree = 0.0
-    tokens = 0
+    fns = {name: _as_logits(c) for name, c in candidates.items()}
+    dense_fn = None if dense is None else _as_logits(dense)
+    sums = {name: [0.0, 0.0, 0.0] for name in fns}  # nll, kl, agreeing tokens
+    dense_nll, tokens = 0.0, 0
     for window in tqdm(windows, desc=f"evaluating {language}", unit="window", disable=not progress, leave=False):
-        targets = window[1:]
-        logp = F.log_softmax(_logits(model, window), -1)
-        nll += -logp.gather(1, targets[:, None]).sum().item()
+        targets = window[1:, None]
+        dense_logp = None if dense_fn is None else F.log_softmax(dense_fn(window), -1)
+        if dense_logp is not None:
+            dense_nll -= dense_logp.gather(1, targets).sum().item()
+        for name, fn in fns.items():
+            logp = F.log_softmax(fn(window), -1)
+            sums[name][0] -= logp.gather(1, targets).sum().item()
+            if dense_logp is not None:
+                sums[name][1] += (dense_logp.exp() * (dense_logp - logp)).sum().item()
+                sums[name][2] += (dense_logp.argmax(-1) == logp.argmax(-1)).sum().item()
         tokens += targets.numel()
-        if dense is not None:
-            dense_logp = F.log_softmax(_logits(dense, window), -1)
-            dense_nll += -dense_logp.gather(1, targets[:, None]).sum().item()
-            kl += (dense_logp.exp() * (dense_logp - logp)).sum().item()
-            agree += (dense_logp.argmax(-1) == logp.argmax(-1)).sum().item()
-    quality = Quality(language, source, len(windows), tokens, math.exp(nll / tokens))
-    if dense is not None:
-        quality.dense_perplexity = math.exp(dense_nll / tokens)
-        quality.kl = kl / tokens
-        quality.top1 = agree / tokens
-    return quality
+    out = {}
+    for name, (nll, kl, agree) in sums.items():
+        q = Quality(language, source, len(windows), tokens, math.exp(nll / tokens),
+                    runtime=(runtimes or {}).get(name, "torch"))
+        if dense_fn is not None:
+            q.dense_perplexity, q.kl, q.top1 = math.exp(dense_nll / tokens), kl / tokens, agree / tokens
+        out[name] = q
+    return out
+
+
+def measure_quality(model, windows: torch.Tensor, dense=None, language: str = "default",
+                    source: str = "", progress: bool = False) -> Quality:
+    """``measure_qualities`` for one candidate."""
+    return measure_qualities({"model": model}, windows, dense, language, source, progress)["model"]
 
 
 def text_windows(tokenizer, spec: EvalText, seqlen: int, max_windows: int | None) -> torch.Tensor:

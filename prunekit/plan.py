@@ -1,56 +1,81 @@
-"""The plan: which pruning method, pattern, sparsity and precision pay off on a profile, and why."""
+"""The plan: which pruning method, pattern, amount, widths and precision pay off on a profile, and why.
+
+A ``Plan`` is what every command runs: ``deploy`` makes one from the profile and the overrides,
+``export`` from the folder's ``prunekit.json``, so both ship what the plan says.
+"""
 
 from __future__ import annotations
 
-import re
-from dataclasses import asdict, dataclass, field
+import math
+from dataclasses import dataclass, field
 
 from prunekit.errors import UserInputError
-from prunekit.profile import METHODS, Profile
+from prunekit.pattern import Pattern, check_sparsity
+from prunekit.profile import Profile
+from prunekit.pruning.registry import default_pattern, method as lookup_method
 
-STRUCTURED_METHODS = ("fasp",)
-
-
-def parse_pattern(pattern: str) -> tuple[int, int] | str:
-    """'structured' | 'unstructured' | (n, m) for an 'N:M' string with 0 < N < M."""
-    if pattern in ("structured", "unstructured"):
-        return pattern
-    match = re.fullmatch(r"(\d+):(\d+)", pattern or "")
-    if not match:
-        raise UserInputError(f"pattern '{pattern}' is not valid: use unstructured, structured or N:M "
-                             f"with N < M (e.g. 2:4, 4:8)")
-    n, m = int(match[1]), int(match[2])
-    if not 0 < n < m:
-        raise UserInputError(f"pattern '{pattern}' is not valid: N:M needs 0 < N < M (e.g. 2:4, 4:8)")
-    return n, m
+GRANULARITIES = ("channels", "heads")
+VALUE_MULTIPLE = 4  # value heads round to multiples of 4 (see FaspPruner.widths)
 
 
-def check_sparsity(sparsity: float) -> float:
-    if not 0 <= sparsity < 1:
-        raise UserInputError(f"sparsity {sparsity} is out of range: use a fraction in [0, 1), e.g. 0.5")
-    return sparsity
+@dataclass(frozen=True)
+class Budget:
+    """Quality the shipped model must keep: exit 3 (artifacts still written) when it does not."""
+
+    max_ppl_increase: float | None = None  # percent
+    max_kl: float | None = None
+
+    def __post_init__(self):
+        for name, value in (("--max-ppl-increase", self.max_ppl_increase), ("--max-kl", self.max_kl)):
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise UserInputError(f"{name} {value} is not valid: use a finite number >= 0")
+
+    @property
+    def is_set(self) -> bool:
+        return self.max_ppl_increase is not None or self.max_kl is not None
+
+
+@dataclass(frozen=True)
+class Widths:
+    """How kept widths round: MLP channels to ``channel_multiple``, value heads to ``value_multiple``."""
+
+    channel_multiple: int
+    value_multiple: int = VALUE_MULTIPLE
 
 
 @dataclass
 class Plan:
     target: str
     method: str
-    pattern: str
+    pattern: Pattern
     sparsity: float
+    granularity: str
+    widths: Widths
     precision: str
     runtime: str
     artifact: str
     latency_basis: str
+    budget: Budget = field(default_factory=Budget)
     reasons: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
     @property
-    def n_m(self) -> tuple[int, int] | None:
-        parsed = parse_pattern(self.pattern)
-        return parsed if isinstance(parsed, tuple) else None
+    def structured(self) -> bool:
+        return self.pattern.structured
+
+    def pruner_options(self) -> dict:
+        """What the method's pruner takes beyond sparsity and pattern."""
+        if not self.structured:
+            return {}
+        return {"granularity": self.granularity, "channel_multiple": self.widths.channel_multiple,
+                "value_multiple": self.widths.value_multiple}
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return {"target": self.target, "method": self.method, "pattern": str(self.pattern),
+                "sparsity": self.sparsity, "granularity": self.granularity,
+                "widths": vars(self.widths), "precision": self.precision, "runtime": self.runtime,
+                "artifact": self.artifact, "latency_basis": self.latency_basis,
+                "budget": vars(self.budget), "reasons": self.reasons, "warnings": self.warnings}
 
 
 def dense_precision(profile: Profile) -> str:
@@ -58,16 +83,23 @@ def dense_precision(profile: Profile) -> str:
     return "fp32" if profile.runtime == "onnxruntime" else "fp16"
 
 
-def make_plan(profile: Profile, method: str | None = None, pattern: str | None = None,
-              sparsity: float | None = None, int8: bool | None = None) -> Plan:
+def _precision(profile: Profile, int8: bool | None) -> str:
+    return profile.default_precision if int8 is None else ("int8" if int8 else dense_precision(profile))
+
+
+def make_plan(profile: Profile, method: str | None = None, pattern: str | Pattern | None = None,
+              sparsity: float | None = None, int8: bool | None = None, granularity: str = "channels",
+              channel_multiple: int | None = None, budget: Budget | None = None) -> Plan:
     """Decide method, pattern, sparsity and precision; overrides win, with a warning where they
     cannot pay off on this hardware."""
-    if method is not None and method not in METHODS:
-        raise UserInputError(f"unknown method '{method}': use one of {', '.join(METHODS)}")
-    if pattern is not None:
-        parse_pattern(pattern)
+    if method is not None:
+        lookup_method(method)
+    if isinstance(pattern, str):
+        pattern = Pattern.parse(pattern)
     if sparsity is not None:
         check_sparsity(sparsity)
+    if granularity not in GRANULARITIES:
+        raise UserInputError(f"granularity '{granularity}' is not valid: use {' or '.join(GRANULARITIES)}")
 
     reasons, warnings = [], []
     if profile.sparse_tensor_cores:
@@ -79,45 +111,37 @@ def make_plan(profile: Profile, method: str | None = None, pattern: str | None =
                        f"weight, so only removing whole channels (FASP structured pruning) makes the "
                        f"model smaller and faster")
 
+    profile_pattern = Pattern.parse(profile.default_pattern)
     if method is None:
-        wants_unstructured = pattern is not None and pattern != "structured"
         method = profile.default_method
-        if wants_unstructured and method in STRUCTURED_METHODS:
-            method = "wanda"
-    structured = method in STRUCTURED_METHODS
-
+        if pattern is not None and pattern.structured != lookup_method(method).structured:
+            method = "fasp" if pattern.structured else "wanda"
+    chosen = lookup_method(method)
     if pattern is None:
-        default_ok = (profile.default_pattern == "structured") == structured
-        pattern = profile.default_pattern if default_ok else ("structured" if structured else "unstructured")
-    if structured and pattern != "structured":
-        raise UserInputError(f"method {method} removes whole channels: use --pattern structured, or "
-                             f"--method wanda/sparsegpt/magnitude for pattern {pattern}")
-    if not structured and pattern == "structured":
-        raise UserInputError(f"method {method} zeroes single weights: use --pattern unstructured or N:M, "
-                             f"or --method fasp for structured pruning")
+        pattern = profile_pattern if profile_pattern.structured == chosen.structured else default_pattern(method)
+    chosen.check_pattern(pattern)
 
-    n_m = parse_pattern(pattern)
-    if isinstance(n_m, tuple):
-        implied = 1 - n_m[0] / n_m[1]
+    if pattern.implied_sparsity is not None:
+        implied = pattern.implied_sparsity
         if sparsity is not None and abs(sparsity - implied) > 1e-9:
             raise UserInputError(f"pattern {pattern} fixes the sparsity at {implied:g}: drop --sparsity "
                                  f"or pass --sparsity {implied:g}")
         sparsity = implied
     elif sparsity is None:
-        same_kind = (profile.default_method in STRUCTURED_METHODS) == structured
+        same_kind = lookup_method(profile.default_method).structured == chosen.structured
         sparsity = profile.default_sparsity if same_kind else 0.5
 
-    if not profile.sparse_tensor_cores and not structured:
+    if not profile.sparse_tensor_cores and not chosen.structured:
         warnings.append(f"{method} {pattern} on {profile.name} will not run faster: {profile.device_name} "
                         f"has no sparse tensor cores and the {profile.runtime} artifact stays dense; "
                         f"use --method fasp to remove channels instead")
-    if profile.sparse_tensor_cores and not structured and pattern != "2:4":
+    if profile.sparse_tensor_cores and not chosen.structured and pattern.n_m != (2, 4):
         warnings.append(f"{pattern} on {profile.name} will not use the sparse tensor cores: they "
                         f"accelerate only the 2:4 pattern; use --pattern 2:4")
     reasons.append(f"method {method}, pattern {pattern}, sparsity {sparsity:g}"
                    + (" (from the profile)" if method == profile.default_method else " (override)"))
 
-    precision = profile.default_precision if int8 is None else ("int8" if int8 else dense_precision(profile))
+    precision = _precision(profile, int8)
     reasons.append(f"precision {precision}: " + ("INT8 weights halve the bytes moved per token again"
                                                   if precision == "int8" else "no INT8 quantization"))
     basis = profile.latency_basis
@@ -126,5 +150,38 @@ def make_plan(profile: Profile, method: str | None = None, pattern: str | None =
                                            f"from the profile's device facts ({profile.runtime} "
                                            f"cannot run on this machine)"))
     return Plan(target=profile.name, method=method, pattern=pattern, sparsity=sparsity,
+                granularity=granularity,
+                widths=Widths(channel_multiple or profile.preferred_channel_multiple),
                 precision=precision, runtime=profile.runtime, artifact=profile.artifact,
-                latency_basis=basis, reasons=reasons, warnings=warnings)
+                latency_basis=basis, budget=budget or Budget(), reasons=reasons, warnings=warnings)
+
+
+def plan_for_folder(profile: Profile, manifest: dict | None, int8: bool | None = None) -> Plan:
+    """The plan a pruned folder was made with (its ``prunekit.json``), checked against what the
+    target needs: a folder that cannot serve the target is refused, naming what it needs."""
+    precision = _precision(profile, int8)
+    common = dict(target=profile.name, precision=precision, runtime=profile.runtime,
+                  artifact=profile.artifact, latency_basis=profile.latency_basis)
+    if manifest is None:
+        plan = Plan(method="none", pattern=Pattern("unstructured"), sparsity=0.0, granularity="channels",
+                    widths=Widths(1), reasons=["an unpruned folder (no prunekit.json): exported as it is"],
+                    **common)
+    else:
+        try:
+            pattern = Pattern.parse(str(manifest["pattern"]))
+            plan = Plan(method=str(manifest["method"]), pattern=pattern, sparsity=float(manifest["sparsity"]),
+                        granularity=str(manifest.get("granularity", "channels")), widths=Widths(1),
+                        reasons=[f"from prunekit.json: {manifest['method']} {pattern} "
+                                 f"sparsity {float(manifest['sparsity']):g}"], **common)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UserInputError(f"prunekit.json is missing or has a bad field ({exc}): re-run "
+                                 f"`prunekit prune` to write it") from None
+    if profile.sparse_tensor_cores and Pattern.parse(profile.default_pattern).n_m is not None:
+        wanted = Pattern.parse(profile.default_pattern)
+        if plan.pattern != wanted:
+            raise UserInputError(
+                f"{profile.name} runs {wanted} sparse weights, but this folder is "
+                f"{'unpruned' if manifest is None else f'{plan.method} {plan.pattern}'}: prune it with "
+                f"`prunekit prune --method wanda --pattern {wanted}` first, or export it for cpu-onnx "
+                f"or coreml-iphone13")
+    return plan

@@ -13,8 +13,8 @@ from importlib import resources
 from pathlib import Path
 
 from prunekit.errors import UserInputError
-
-METHODS = ("fasp", "wanda", "sparsegpt", "magnitude")
+from prunekit.pattern import Pattern
+from prunekit.pruning.registry import METHODS
 PRECISIONS = ("fp32", "fp16", "int8")
 RUNTIMES = {"onnxruntime": "onnx", "coreml": "mlpackage", "tensorrt": "onnx+engine"}
 LATENCY_BASES = ("measured", "estimated")
@@ -56,12 +56,19 @@ def builtin_profile_names() -> list[str]:
 
 def load_profile(target: str) -> Profile:
     """Load a built-in profile by name, or a user profile from a ``.toml`` path."""
+    if Path(target).is_dir():
+        raise UserInputError(f"--target {target} is a folder: pass a profile .toml file or one of "
+                             f"{', '.join(builtin_profile_names())}")
     if target.endswith(".toml") or "/" in target or Path(target).suffix:
         path = Path(target)
         if not path.is_file():
             raise UserInputError(f"profile file {target} does not exist: pass a TOML file or one of "
                                  f"{', '.join(builtin_profile_names())}")
-        text, source = path.read_text(encoding="utf-8"), str(path)
+        try:
+            text, source = path.read_text(encoding="utf-8"), str(path)
+        except (UnicodeDecodeError, OSError) as exc:
+            raise UserInputError(f"profile file {target} is not readable UTF-8 text ({type(exc).__name__}): "
+                                 f"pass a TOML file") from None
     else:
         names = builtin_profile_names()
         if target not in names:
@@ -121,8 +128,6 @@ class _Reader:
 
 
 def parse_profile(data: dict, source: str) -> Profile:
-    from prunekit.plan import parse_pattern  # the pattern grammar lives with the plan
-
     top = _Reader(data, "", source)
     runtime = _Reader(top.get("runtime", dict), "runtime", source)
     device = _Reader(top.get("device", dict), "device", source)
@@ -155,7 +160,7 @@ def parse_profile(data: dict, source: str) -> Profile:
         memory_gb=device.get("memory_gb", float, **positive),
         preferred_channel_multiple=device.get("preferred_channel_multiple", int, **positive),
         default_method=defaults.get("method", str, allowed=METHODS),
-        default_pattern=defaults.get("pattern", str, check=_pattern_ok(parse_pattern),
+        default_pattern=defaults.get("pattern", str, check=_pattern_ok,
                                      why="allowed values: structured, unstructured, N:M (e.g. 2:4)"),
         default_sparsity=defaults.get("sparsity", float, check=lambda v: 0 <= v < 1,
                                       why="must be in [0, 1)"),
@@ -173,11 +178,8 @@ def parse_profile(data: dict, source: str) -> Profile:
     return profile
 
 
-def _pattern_ok(parse):
-    def check(value):
-        try:
-            parse(value)
-            return True
-        except UserInputError:
-            return False
-    return check
+def _pattern_ok(value: str) -> bool:
+    try:
+        return str(Pattern.parse(value)) == value  # canonical spelling only: "2:4", not "02:04"
+    except UserInputError:
+        return False

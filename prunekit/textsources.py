@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 from prunekit.errors import UserInputError
@@ -25,6 +26,19 @@ def pydoc_text() -> str:
     return "\n\n".join(topics[key] for key in sorted(topics))
 
 
+def check_source(source: str, purpose: str) -> None:
+    """Refuse, before any model loads, a text source that cannot be read: a missing file, a
+    folder, an empty or binary file, or a dataset without its library."""
+    if source in BUILTIN_TEXTS or (purpose == "calibration" and source == "self"):
+        return
+    if source in DATASETS:
+        if importlib.util.find_spec("datasets") is None:
+            raise UserInputError(f"{purpose} source '{source}' needs the datasets library: run "
+                                 f"`pip install 'prunekit[datasets]'`, or pass a local text file")
+        return
+    read_text(source, purpose)
+
+
 def read_text(source: str, purpose: str) -> str:
     """``purpose`` is 'calibration' or 'evaluation': it picks the dataset split, so the two never
     share text."""
@@ -33,20 +47,30 @@ def read_text(source: str, purpose: str) -> str:
     if source in DATASETS:
         return _dataset_text(source, purpose)
     path = Path(source).expanduser()
+    flag = "--calib" if purpose == "calibration" else "--eval"
+    choices = ", ".join((*DATASETS, *BUILTIN_TEXTS)) + (", self" if purpose == "calibration" else "")
+    if path.is_dir():
+        raise UserInputError(f"{flag} {source} is a folder: pass a text file, or one of {choices}")
     if not path.is_file():
-        raise UserInputError(f"{purpose} file {source} does not exist: pass a text file, or one of "
-                             f"{', '.join((*DATASETS, *BUILTIN_TEXTS))}" + (", self" if purpose == "calibration" else ""))
+        raise UserInputError(f"{purpose} file {source} does not exist: pass a text file, or one of {choices}")
     try:
-        return path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
-        raise UserInputError(f"{purpose} file {source} is not UTF-8 text") from None
+        raise UserInputError(f"{purpose} file {source} is not UTF-8 text: pass a plain text file") from None
+    except OSError as exc:
+        raise UserInputError(f"{purpose} file {source} cannot be read ({exc.strerror or exc})") from None
+    if "\x00" in text:
+        raise UserInputError(f"{purpose} file {source} is binary, not text: pass a plain text file")
+    if not text.strip():
+        raise UserInputError(f"{purpose} file {source} is empty: pass a file with text in it")
+    return text
 
 
 def _dataset_text(name: str, purpose: str) -> str:
     try:
         import datasets
     except ImportError:
-        raise UserInputError(f"dataset '{name}' needs the datasets library: run `pip install datasets`, "
+        raise UserInputError(f"dataset '{name}' needs the datasets library: run `pip install 'prunekit[datasets]'`, "
                              f"or pass a local text file") from None
     repo, config, calib_split, eval_split, column = DATASETS[name]
     split = calib_split if purpose == "calibration" else eval_split

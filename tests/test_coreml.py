@@ -8,6 +8,7 @@ import torch
 
 from prunekit.errors import MissingExtraError
 from prunekit.estimate import ModelCost, estimate_latency, model_cost, roofline
+from prunekit.exporters.decoder import StatefulDecoder
 from prunekit.exporters.coreml import (check_package, convert_coreml, inspect_package, predict_check,
                                        quantize_int8, reference_check)
 
@@ -42,8 +43,44 @@ def test_package_spec(packages):
 
 def test_reference_check_compares_the_converted_source(packages):
     model, _ = packages
-    tokens = torch.randint(3, 300, (12,))
-    assert reference_check(model, tokens, 64)["passed"]
+    tokens = torch.randint(3, 300, (24,), generator=torch.Generator().manual_seed(0))
+    checks = reference_check(model, tokens, 64)
+    assert checks["passed"], checks
+    assert checks["through_cache"] == 12 and checks["max_abs_logit_diff"] > 0  # fp16 cache: not bit-exact
+
+
+class _DecodePositionOffByOne(StatefulDecoder):
+    def decode(self, input_ids, past_len, mask, update_cache):
+        return super().decode(input_ids, past_len - 1 if input_ids.shape[1] == 1 else past_len, mask, update_cache)
+
+
+class _CacheSlotOffByOne(StatefulDecoder):
+    def forward(self, input_ids, mask):
+        end = mask.shape[-1]
+        past_len = end - input_ids.shape[1]
+
+        def update(i, k, v):
+            key, value = getattr(self, f"key_cache_{i}"), getattr(self, f"value_cache_{i}")
+            key[:, :, past_len + 1:end + 1] = k.to(key.dtype)
+            value[:, :, past_len + 1:end + 1] = v.to(value.dtype)
+            return key[:, :, :end].to(k.dtype), value[:, :, :end].to(v.dtype)
+
+        return self.decode(input_ids, past_len, mask, update)
+
+
+@pytest.mark.parametrize("bug", ["no causal mask", "decode position", "cache slot"])
+def test_reference_check_catches_a_broken_wrapper(monkeypatch, bug):
+    import prunekit.exporters.coreml as coreml
+
+    model = make_tiny_llama()
+    tokens = torch.randint(3, 300, (24,), generator=torch.Generator().manual_seed(0))
+    if bug == "no causal mask":
+        monkeypatch.setattr(coreml, "causal_mask", lambda seq, past, dtype: torch.zeros(seq, past + seq, dtype=dtype))
+    else:
+        monkeypatch.setattr(coreml, "StatefulDecoder",
+                            _DecodePositionOffByOne if bug == "decode position" else _CacheSlotOffByOne)
+    checks = reference_check(model, tokens, 64)
+    assert not checks["passed"], checks
 
 
 @pytest.mark.skipif(platform.system() == "Darwin", reason="on macOS the prediction runs")

@@ -75,23 +75,35 @@ def test_quality_gate_exits_3_and_still_writes(tiny_folder, tmp_path):
 def test_quality_gate_rules():
     from prunekit.evaluation import Quality
     from prunekit.pipeline import quality_gate
+    from prunekit.plan import Budget
 
     q = [Quality("en", "a", 1, 10, perplexity=12.0, dense_perplexity=10.0, kl=0.2, top1=0.9),
          Quality("sw", "b", 1, 10, perplexity=30.0, dense_perplexity=10.0, kl=0.9, top1=0.5)]
-    assert quality_gate(q, None, None)["status"] == "not set"
-    assert quality_gate(q[:1], 25, None)["status"] == "passed"
-    failed = quality_gate(q, 25, None)
+    assert quality_gate(q, Budget())["status"] == "not set"
+    assert quality_gate(q[:1], Budget(25))["status"] == "passed"
+    failed = quality_gate(q, Budget(25))
     assert failed["status"] == "failed" and "sw: perplexity +200.0% > 25%" == failed["reason"]
-    assert quality_gate(q, None, 0.5)["reason"] == "sw: KL 0.9000 > 0.5"
+    assert quality_gate(q, Budget(max_kl=0.5))["reason"] == "sw: KL 0.9000 > 0.5"
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0])
+def test_budget_refuses_values_that_would_switch_the_gate_off(bad):
+    from prunekit.errors import UserInputError
+    from prunekit.plan import Budget
+
+    with pytest.raises(UserInputError, match="finite number >= 0"):
+        Budget(max_ppl_increase=bad)
+    with pytest.raises(UserInputError, match="finite number >= 0"):
+        Budget(max_kl=bad)
 
 
 def test_failed_run_leaves_nothing_behind(tiny_folder, tmp_path, monkeypatch):
-    import prunekit.pipeline
+    import prunekit.targets
 
     def broken(*a, **k):
         raise RuntimeError("exporter crashed")
 
-    monkeypatch.setattr(prunekit.pipeline, "export_for", broken)
+    monkeypatch.setattr(prunekit.targets, "export_for", broken)
     assert deploy_main(_args(tiny_folder, tmp_path / "never")) == 1
     assert not (tmp_path / "never").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".never")]
@@ -120,7 +132,7 @@ def test_export_command_turns_a_folder_into_onnx(tiny_folder, tmp_path, capsys):
 
     out = tmp_path / "exported"
     assert main(["export", "--target", "cpu-onnx", "--model", str(tiny_folder), "--out", str(out),
-                 "--no-int8", "--quiet"]) == 0
+                 "--no-int8"]) == 0
     assert (out / "onnx" / "model.onnx").is_file()
     assert "written" in capsys.readouterr().out
     assert main(["export", "--target", "cpu-onnx", "--model", str(tmp_path / "nope"), "--out", str(out)]) == 2

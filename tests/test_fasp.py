@@ -9,7 +9,7 @@ from prunekit.checkpoint import save_checkpoint
 from prunekit.errors import UserInputError
 from prunekit.models import LoadedModel, load_model
 from prunekit.pruning.engine import InputStats
-from prunekit.pruning.fasp import FaspPruner, column_scores, kept_width, restore_columns
+from prunekit.pruning.fasp import FaspPruner, Refit, column_scores, kept_width, restore_columns
 from prunekit.pruning.run import prune
 from prunekit.pruning.structure import set_value_head_dim, shrink_linear
 
@@ -75,8 +75,8 @@ def test_centered_refit_does_not_rebuild_a_removed_channels_mean():
     consumer.weight.data = torch.tensor([[1.0, 1.0]])
     keep = torch.tensor([0])
     pruner = FaspPruner(0.5)
-    centered, _ = pruner._refit(consumer, keep, stats, centered=True, tolerance=0.0)
-    plain, _ = pruner._refit(consumer, keep, stats, centered=False, tolerance=0.0)
+    centered, _ = pruner._refit(consumer, keep, stats, FaspPruner.ATTENTION_REFIT)
+    plain, _ = pruner._refit(consumer, keep, stats, Refit())
     assert abs(centered.item() - 1.0) < 0.05  # ≈ the cut: no covariance to fit
     assert plain.item() > 1.5  # toward 2: the kept channel stands in for the removed one's mean
 
@@ -93,8 +93,8 @@ def test_centered_refit_keeps_the_cuts_output_mean():
     torch.nn.init.normal_(consumer.weight)
     keep = torch.tensor([0, 2, 3, 5])
     mu, cut = stats.mean[keep].float(), consumer.weight.data[:, keep]
-    held, _ = FaspPruner(0.5)._refit(consumer, keep, stats, centered=True, tolerance=0.0)
-    free, _ = FaspPruner(0.5, keep_cut_mean=False)._refit(consumer, keep, stats, centered=True, tolerance=0.0)
+    held, _ = FaspPruner(0.5)._refit(consumer, keep, stats, Refit(centered=True, hold_mean=True))
+    free, _ = FaspPruner(0.5)._refit(consumer, keep, stats, Refit(centered=True))
     assert torch.allclose(held @ mu, cut @ mu, atol=1e-4)
     assert (free @ mu - cut @ mu).abs().max() > 0.1
     C, full = stats.held_covariance.float(), consumer.weight.data

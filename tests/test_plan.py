@@ -1,7 +1,8 @@
 import pytest
 
 from prunekit.errors import UserInputError
-from prunekit.plan import make_plan, parse_pattern
+from prunekit.pattern import Pattern
+from prunekit.plan import make_plan
 from prunekit.profile import load_profile
 
 
@@ -13,7 +14,7 @@ from prunekit.profile import load_profile
 ])
 def test_default_plans(target, method, pattern, sparsity, precision, basis):
     plan = make_plan(load_profile(target))
-    assert (plan.method, plan.pattern, plan.sparsity, plan.precision, plan.latency_basis) == (
+    assert (plan.method, str(plan.pattern), plan.sparsity, plan.precision, plan.latency_basis) == (
         method, pattern, sparsity, precision, basis)
     assert plan.warnings == []
     assert any("sparse tensor cores" in r for r in plan.reasons)
@@ -27,7 +28,7 @@ def test_nm_override_on_cpu_warns_and_switches_to_wanda():
 
 def test_unstructured_override_on_phone_warns():
     plan = make_plan(load_profile("coreml-iphone13"), method="wanda")
-    assert plan.pattern == "unstructured"
+    assert str(plan.pattern) == "unstructured"
     assert "will not run faster" in plan.warnings[0]
 
 
@@ -35,7 +36,7 @@ def test_gpu_overrides():
     a100 = load_profile("a100-tensorrt-sparse")
     assert "only the 2:4 pattern" in make_plan(a100, pattern="4:8").warnings[0]
     fasp = make_plan(a100, method="fasp", sparsity=0.2)
-    assert fasp.pattern == "structured" and fasp.sparsity == 0.2 and fasp.warnings == []
+    assert fasp.pattern.structured and fasp.sparsity == 0.2 and fasp.warnings == []
     assert make_plan(a100, int8=True).precision == "int8"
     assert make_plan(load_profile("cpu-onnx"), int8=False).precision == "fp32"
     assert make_plan(load_profile("coreml-iphone13"), int8=False).precision == "fp16"
@@ -57,5 +58,13 @@ def test_bad_overrides(kwargs, message):
 
 
 def test_parse_pattern():
-    assert parse_pattern("2:4") == (2, 4) and parse_pattern("4:8") == (4, 8)
-    assert parse_pattern("unstructured") == "unstructured"
+    assert Pattern.parse("2:4").n_m == (2, 4) and Pattern.parse("4:8").n_m == (4, 8)
+    assert Pattern.parse("unstructured") == Pattern("unstructured")
+    assert str(Pattern.parse("02:04")) == "2:4" and Pattern.parse("02:04") == Pattern.parse("2:4")
+    with pytest.raises(UserInputError, match="not valid"):
+        Pattern.parse("")
+
+
+def test_padded_2_4_is_the_2_4_pattern_on_a_gpu_profile():
+    plan = make_plan(load_profile("a100-tensorrt-sparse"), pattern="02:04")
+    assert str(plan.pattern) == "2:4" and plan.warnings == []

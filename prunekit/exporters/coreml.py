@@ -11,7 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
+from prunekit.arch import architecture_for, decoder_layers
 from prunekit.errors import MissingExtraError
 from prunekit.exporters.decoder import StatefulDecoder, causal_mask
 
@@ -105,15 +107,56 @@ def check_package(info: dict, expected_states: int, int8: bool, deployment_targe
     return checks
 
 
-def reference_check(model: torch.nn.Module, tokens: torch.Tensor, max_length: int = 512) -> dict:
-    """The converted program's PyTorch source (stateful decoder, fp16 cache) against the Hugging
-    Face forward on the same tokens: catches an export wrapper that changes the math."""
+def reference_check(model: torch.nn.Module, tokens: torch.Tensor, max_length: int = 512,
+                    prefill: int | None = None) -> dict:
+    """The converted program's PyTorch source (the stateful decoder, KV cache held in fp16) against
+    the Hugging Face forward, judged as fp16 numerics are: catches a wrapper that changes the math
+    (position, mask, cache slot, scaling), not the rounding an fp16 cache is allowed.
+
+    The first ``prefill`` tokens go in at once, the rest one at a time through the cache (teacher
+    forced, so both paths see the same tokens). The allowance comes from an fp16 reference: the
+    Hugging Face forward with its keys and values rounded to fp16, whose distance from the fp32
+    forward is what fp16 costs this model. The wrapper may drift from fp32 by 4x that (at least
+    1e-3 of the logits' spread), and may pick another next token only where the two were tied
+    within that drift."""
+    n = tokens.numel()
+    prefill = prefill or max(1, n // 2)
     decoder = StatefulDecoder(model, max_length).eval()
     with torch.no_grad():
-        ours = decoder(tokens[None], causal_mask(tokens.numel(), 0, torch.float32)[None, None])
-        theirs = model(tokens[None], use_cache=False).logits
-    diff = float((ours - theirs).abs().max())
-    return {"max_abs_logit_diff": diff, "passed": diff < 5e-2, "note": "KV cache held in fp16"}
+        steps = [decoder(tokens[None, :prefill], causal_mask(prefill, 0, torch.float32)[None, None])[0]]
+        for t in range(prefill, n):
+            steps.append(decoder(tokens[None, t:t + 1], causal_mask(1, t, torch.float32)[None, None])[0])
+        ours = torch.cat(steps).float()
+        reference = model(tokens[None], use_cache=False).logits[0].float()
+        fp16_reference = _kv_rounded_forward(model, tokens)
+    fp16_cost = float((fp16_reference - reference).abs().max())
+    allowed = max(4 * fp16_cost, 1e-3 * float(reference.std()))
+    drift = float((ours - reference).abs().max())
+    ref_top, our_top = reference.argmax(-1), ours.argmax(-1)
+    # Where the next tokens differ, how far apart the fp32 forward put the two.
+    margins = (reference.gather(1, ref_top[:, None]) - reference.gather(1, our_top[:, None]))[:, 0]
+    flips = ref_top != our_top
+    log_ref, log_ours = F.log_softmax(reference, -1), F.log_softmax(ours, -1)
+    kl = float((log_ref.exp() * (log_ref - log_ours)).sum(-1).mean())
+    checks = {"max_abs_logit_diff": drift, "allowed": allowed, "fp16_reference_diff": fp16_cost,
+              "kl": kl, "next_token_agreement": float((~flips).float().mean()),
+              "flips_outside_ties": int((flips & (margins > 2 * allowed)).sum()),
+              "tokens": n, "through_cache": n - prefill, "note": "KV cache held in fp16"}
+    checks["passed"] = drift <= allowed and checks["flips_outside_ties"] == 0
+    return checks
+
+
+def _kv_rounded_forward(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """Logits of the Hugging Face forward with every key and value projection rounded to fp16."""
+    arch = architecture_for(model.config)
+    handles = [layer.get_submodule(f"{arch.attention}.{name}").register_forward_hook(
+                   lambda module, args, out: out.half().to(out.dtype))
+               for layer in decoder_layers(model) for name in (arch.k, arch.v)]
+    try:
+        return model(tokens[None], use_cache=False).logits[0].float()
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def predict_check(path: Path, model: torch.nn.Module, tokens: torch.Tensor) -> dict:

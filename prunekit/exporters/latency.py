@@ -22,8 +22,9 @@ import numpy as np
 def measure(path: Path, prompt_tokens: int = 128, decode_tokens: int = 32, repeats: int = 3,
             threads: int | None = None, seed: int = 0) -> dict:
     from prunekit.exporters.onnx import OnnxDecoder
+    from prunekit.threads import usable_cores
 
-    threads = threads or os.cpu_count()
+    threads = threads or usable_cores()
     runner = OnnxDecoder(path, threads=threads)
     vocab = runner.session.get_outputs()[0].shape[-1]
     prompt = np.random.default_rng(seed).integers(3, vocab, size=(1, prompt_tokens))

@@ -63,10 +63,11 @@ class OnnxDecoder:
         _require_onnx()
         import onnxruntime as ort
 
+        from prunekit.threads import usable_cores
+
         options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
+        options.intra_op_num_threads = threads or usable_cores()  # ORT's own default counts the machine's cores
+        options.inter_op_num_threads = 1
         options.log_severity_level = 3
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.inputs = {i.name: i for i in self.session.get_inputs()}
@@ -91,15 +92,15 @@ class OnnxDecoder:
             logits, past = self.step(np.array([[token]]), past)
         return tokens
 
-    def perplexity(self, windows: torch.Tensor) -> float:
-        nll, count = 0.0, 0
-        for window in windows:
-            ids = window.numpy()[None]
-            logits, _ = self.step(ids, self.empty_cache())
-            logp = torch.log_softmax(torch.from_numpy(logits[0, :-1]).float(), -1)
-            nll -= logp.gather(1, window[1:, None]).sum().item()
-            count += window.numel() - 1
-        return float(np.exp(nll / count))
+
+
+def onnx_logits(runner: OnnxDecoder):
+    """A window -> next-token logits function over an ONNX decoder (empty cache), for the same
+    quality arithmetic as the torch model's (prunekit.evaluation.measure_qualities)."""
+    def logits(window: torch.Tensor) -> torch.Tensor:
+        out, _ = runner.step(window.numpy()[None], runner.empty_cache())
+        return torch.from_numpy(out[0, :-1]).float()
+    return logits
 
 
 def export_verified(model: torch.nn.Module, path: Path, probe: torch.Tensor, fused: bool = True) -> tuple[Path, dict]:

@@ -116,6 +116,17 @@ def restore_columns(weight: torch.Tensor, keep: torch.Tensor, gram: torch.Tensor
     return best.to(weight.device, weight.dtype), info
 
 
+@dataclass(frozen=True)
+class Refit:
+    """How a consumer's kept columns are refit: on XᵀX or on the covariance of its inputs about
+    their calibration mean (``centered``), with the output mean held at the cut's (``hold_mean``),
+    and how much of the held-out gain to give up for a more cut-like λ (``tolerance``)."""
+
+    centered: bool = False
+    hold_mean: bool = False
+    tolerance: float = 0.0
+
+
 @dataclass
 class FaspPruner:
     sparsity: float
@@ -125,18 +136,16 @@ class FaspPruner:
     restore: bool = True
     held_out_fraction: float = 0.125
     lambdas: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
-    # Of the held-out gain, given up for a refit closer to the cut (see restore_columns); the
-    # bench's ablations set them, the defaults take the held-out optimum.
-    mlp_tolerance: float = 0.0
-    attention_tolerance: float = 0.0
-    # o_proj: refit about its inputs' calibration mean, not on XᵀX (False: the bench's fasp-xtx) ...
-    centered_attention: bool = True
-    # ... with the refit's output mean held at the cut's (False: free to drift; fasp-free-mean).
-    keep_cut_mean: bool = True
-    score: str = "activation"  # "weight": the magnitude-norm baseline, blind to activations
     _digest: "hashlib._Hash" = field(default_factory=hashlib.sha256, repr=False)
     _restoration: list = field(default_factory=list, repr=False)
     _config: object = field(default=None, repr=False)
+
+    # The method's refit rules (class constants: the benchmark's ablations are subclasses).
+    # down_proj on XᵀX at its held-out optimum; o_proj about its inputs' mean (rebuilding the removed
+    # value channels' calibration mean from the kept ones fits the calibration text and costs on
+    # other text) with its output mean held where the cut leaves it, rather than drifting.
+    MLP_REFIT = Refit()
+    ATTENTION_REFIT = Refit(centered=True, hold_mean=True)
 
     @property
     def needs_gram(self) -> bool:
@@ -152,8 +161,6 @@ class FaspPruner:
         if self.granularity not in GRANULARITIES:
             raise UserInputError(f"granularity '{self.granularity}' is not valid: use "
                                  f"{' or '.join(GRANULARITIES)}")
-        if self.score not in ("activation", "weight"):
-            raise UserInputError(f"score '{self.score}' is not valid: use activation or weight")
         if not self.restore:
             self.held_out_fraction = 0.0
 
@@ -177,6 +184,10 @@ class FaspPruner:
             raise UserInputError(f"sparsity {self.sparsity:g} would remove every MLP channel "
                                  f"({model.config.intermediate_size} at a multiple of {self.channel_multiple}): "
                                  f"use a lower --sparsity")
+        if self.sparsity > 0 and widths["intermediate"] >= model.config.intermediate_size:
+            raise UserInputError(f"sparsity {self.sparsity:g} at a channel multiple of {self.channel_multiple} "
+                                 f"keeps all {model.config.intermediate_size} MLP channels: use a smaller "
+                                 f"--channel-multiple or a higher --sparsity")
         if widths.get("value_head_dim", 1) < 1:
             raise UserInputError(f"sparsity {self.sparsity:g} would remove every value channel of a "
                                  f"{head_dim}-wide head: use a lower --sparsity")
@@ -203,19 +214,14 @@ class FaspPruner:
         return info
 
     def _scores(self, weight: torch.Tensor, stats: InputStats) -> torch.Tensor:
-        norm = stats.norm if self.score == "activation" else torch.ones(weight.shape[1])
-        return column_scores(weight.float().cpu(), norm)  # indices are built on the CPU
+        return column_scores(weight.float().cpu(), stats.norm)  # indices are built on the CPU
 
-    def _refit(self, consumer: nn.Linear, keep: torch.Tensor, stats: InputStats, centered: bool,
-               tolerance: float):
-        """``centered``: fit how the removed channels vary with the kept ones about their calibration
-        mean, not that mean itself (see ``_prune_values``); a covariance does not see the output
-        mean, so ``keep_cut_mean`` holds it where the cut leaves it."""
+    def _refit(self, consumer: nn.Linear, keep: torch.Tensor, stats: InputStats, rule: Refit):
         if not self.restore:
             return consumer.weight.data[:, keep.to(consumer.weight.device)], {"lambda": None, "reason": "restoration off"}
-        gram, held = (stats.covariance, stats.held_covariance) if centered else (stats.gram, stats.held_gram)
-        mean = stats.mean if centered and self.keep_cut_mean else None
-        return restore_columns(consumer.weight.data, keep, gram, held, self.lambdas, tolerance, mean)
+        gram, held = (stats.covariance, stats.held_covariance) if rule.centered else (stats.gram, stats.held_gram)
+        mean = stats.mean if rule.centered and rule.hold_mean else None
+        return restore_columns(consumer.weight.data, keep, gram, held, self.lambdas, rule.tolerance, mean)
 
     def _record(self, kind: str, keep: torch.Tensor, info: dict):
         self._digest.update(kind.encode() + keep.cpu().numpy().astype("int64").tobytes())
@@ -225,7 +231,7 @@ class FaspPruner:
         down = mlp.get_submodule(arch.down)
         scores = self._scores(down.weight.data, stats)
         keep = torch.sort(torch.topk(scores, kept).indices).values
-        weight, info = self._refit(down, keep, stats, centered=False, tolerance=self.mlp_tolerance)
+        weight, info = self._refit(down, keep, stats, self.MLP_REFIT)
         setattr(mlp, arch.gate, shrink_linear(mlp.get_submodule(arch.gate), rows=keep))
         setattr(mlp, arch.up, shrink_linear(mlp.get_submodule(arch.up), rows=keep))
         setattr(mlp, arch.down, shrink_linear(down, weight=weight))
@@ -247,11 +253,7 @@ class FaspPruner:
         v_rows = (keep_dims + offsets).reshape(-1)
         o_dims = keep_dims.repeat_interleave(group, dim=0)  # (heads, v_dim)
         o_cols = (o_dims + torch.arange(heads).unsqueeze(1) * old_dim).reshape(-1)
-        # o_proj is refit about its inputs' mean: rebuilding the removed value channels' calibration
-        # mean from the kept channels fits the calibration text and costs on other text; the refit
-        # leaves the output mean where the cut does, rather than letting it drift.
-        weight, info = self._refit(o, o_cols, stats, centered=self.centered_attention,
-                                   tolerance=self.attention_tolerance)
+        weight, info = self._refit(o, o_cols, stats, self.ATTENTION_REFIT)
         setattr(attention, arch.v, shrink_linear(attention.get_submodule(arch.v), rows=v_rows))
         setattr(attention, arch.o, shrink_linear(o, weight=weight))
         set_value_head_dim(attention, v_dim)
@@ -272,8 +274,7 @@ class FaspPruner:
         kv_rows = (keep_kv.unsqueeze(1) * head_dim + dims).reshape(-1)
         keep_q = (keep_kv.unsqueeze(1) * group + torch.arange(group)).reshape(-1)
         q_rows = (keep_q.unsqueeze(1) * head_dim + dims).reshape(-1)
-        weight, info = self._refit(o, q_rows, stats, centered=self.centered_attention,
-                                   tolerance=self.attention_tolerance)
+        weight, info = self._refit(o, q_rows, stats, self.ATTENTION_REFIT)
         for name, rows in ((arch.q, q_rows), (arch.k, kv_rows), (arch.v, kv_rows)):
             setattr(attention, name, shrink_linear(attention.get_submodule(name), rows=rows))
         setattr(attention, arch.o, shrink_linear(o, weight=weight))

@@ -6,13 +6,11 @@ import time
 from dataclasses import dataclass, field
 
 from prunekit.calibration import calibration_ids
-from prunekit.errors import UserInputError
 from prunekit.models import LoadedModel
-from prunekit.plan import STRUCTURED_METHODS, check_sparsity, parse_pattern
-from prunekit.profile import METHODS
+from prunekit.pattern import Pattern, check_sparsity
 from prunekit.pruning.checker import check_model, summarize
 from prunekit.pruning.engine import prune_layerwise
-from prunekit.pruning.unstructured import UnstructuredPruner
+from prunekit.pruning.registry import method as lookup_method
 
 
 @dataclass
@@ -33,6 +31,7 @@ class PruneResult:
     check: dict
     seconds: dict = field(default_factory=dict)
     details: dict = field(default_factory=dict)
+    calib_ids: object = field(default=None, repr=False)  # the tokens it was calibrated on (static INT8 reuses them)
 
     def manifest(self, source: str) -> dict:
         return {"prunekit_manifest": 1, "source_model": source, "method": self.method,
@@ -42,28 +41,22 @@ class PruneResult:
                 **self.details}
 
 
-def make_pruner(method: str, sparsity: float, pattern: str, **options):
-    if method not in METHODS:
-        raise UserInputError(f"unknown method '{method}': use one of {', '.join(METHODS)}")
-    parsed = parse_pattern(pattern)
-    if method in STRUCTURED_METHODS:
-        if parsed != "structured":
-            raise UserInputError(f"method {method} removes whole channels: use --pattern structured")
-        from prunekit.pruning.fasp import FaspPruner
-
-        return FaspPruner(sparsity=sparsity, **options)
-    if parsed == "structured":
-        raise UserInputError(f"method {method} zeroes single weights: use --pattern unstructured or N:M")
-    n_m = parsed if isinstance(parsed, tuple) else None
-    return UnstructuredPruner(method, sparsity if n_m is None else 1 - n_m[0] / n_m[1], n_m)
+def make_pruner(method: str, sparsity: float, pattern: str | Pattern, **options):
+    """The method's block pruner, after checking that the method makes this kind of pattern."""
+    pattern = Pattern.parse(pattern) if isinstance(pattern, str) else pattern
+    chosen = lookup_method(method)
+    chosen.check_pattern(pattern)
+    return chosen.build(sparsity, pattern, **options)
 
 
-def prune(loaded: LoadedModel, method: str, sparsity: float = 0.5, pattern: str = "unstructured",
+def prune(loaded: LoadedModel, method: str, sparsity: float = 0.5, pattern: str | Pattern = "unstructured",
           calib: str = "self", calib_samples: int = 128, calib_seqlen: int = 512, seed: int = 0,
-          batch_size: int = 8, progress: bool = True, calib_ids=None, **options) -> PruneResult:
-    """Prune ``loaded.model`` in place. ``calib_ids`` (a tensor) skips loading calibration text."""
+          batch_size: int = 8, progress: bool = True, calib_ids=None, pruner=None, **options) -> PruneResult:
+    """Prune ``loaded.model`` in place. ``calib_ids`` (a tensor) skips loading calibration text;
+    ``pruner`` (a block pruner built elsewhere, e.g. a benchmark's ablation) replaces the method's."""
     check_sparsity(sparsity)
-    pruner = make_pruner(method, sparsity, pattern, **options)
+    pattern = Pattern.parse(pattern) if isinstance(pattern, str) else pattern
+    pruner = pruner or make_pruner(method, sparsity, pattern, **options)
     if hasattr(pruner, "validate"):
         pruner.validate(loaded.model)  # refuse impossible requests before any work
     before = loaded.num_parameters()
@@ -76,13 +69,13 @@ def prune(loaded: LoadedModel, method: str, sparsity: float = 0.5, pattern: str 
     start = time.perf_counter()
     engine = prune_layerwise(loaded.model, calib_ids, pruner, batch_size=batch_size, progress=progress)
     seconds["prune"] = time.perf_counter() - start
-    n_m = parse_pattern(pattern)
-    check = summarize(check_model(loaded.model, n_m if isinstance(n_m, tuple) else None))
+    check = summarize(check_model(loaded.model, pattern.n_m))
     finish = getattr(pruner, "finish", None)
     details = finish(loaded.model) if finish else {}
     return PruneResult(
-        model=loaded.model, tokenizer=loaded.tokenizer, method=method, pattern=pattern,
+        model=loaded.model, tokenizer=loaded.tokenizer, method=method, pattern=str(pattern),
         sparsity=pruner.sparsity, seed=seed,
         calibration={"source": calib, "samples": int(calib_ids.shape[0]), "seqlen": int(calib_ids.shape[1])},
         parameters_before=before, parameters_after=loaded.num_parameters(),
-        mask_hash=pruner.mask_hash(), layers=engine.blocks, check=check, seconds=seconds, details=details)
+        mask_hash=pruner.mask_hash(), layers=engine.blocks, check=check, seconds=seconds, details=details,
+        calib_ids=calib_ids)

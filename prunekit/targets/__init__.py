@@ -7,7 +7,34 @@ line, and deploy still writes the pruned model and the report.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from prunekit.plan import Plan
+    from prunekit.profile import Profile
+
+
+@dataclass
+class ExportContext:
+    """What a back end needs: the plan, the model to ship, the dense reference for side-by-side
+    variants, calibration tokens (static INT8 is calibrated on these, never on evaluation text),
+    evaluation windows (perplexity of each variant) and a probe for the export checks."""
+
+    profile: Profile
+    plan: Plan
+    model: nn.Module
+    stage: Path
+    probe_tokens: torch.Tensor
+    calib_tokens: torch.Tensor
+    eval_windows: torch.Tensor | None = None
+    eval_label: str | None = None
+    dense: nn.Module | None = None
+    int8_flavour: str = "weight-only"
+    quiet: bool = False
 
 
 @dataclass
@@ -18,21 +45,24 @@ class ExportOutcome:
     latency: dict | None = None  # {"basis": "measured"|"estimated", ...}
     checks: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
+    # The shipped artifact where this machine can run it (its quality is then measured by its runtime)
+    shipped_onnx: Path | None = None
+    shipped_runtime: str | None = None
 
 
-def _cpu_onnx(context) -> ExportOutcome:
+def _cpu_onnx(context: ExportContext) -> ExportOutcome:
     from prunekit.targets.cpu_onnx import build
 
     return build(context)
 
 
-def _coreml(context) -> ExportOutcome:
+def _coreml(context: ExportContext) -> ExportOutcome:
     from prunekit.targets.coreml_iphone import build
 
     return build(context)
 
 
-def _tensorrt(context) -> ExportOutcome:
+def _tensorrt(context: ExportContext) -> ExportOutcome:
     from prunekit.targets.tensorrt_sparse import build
 
     return build(context)
@@ -42,7 +72,7 @@ def _tensorrt(context) -> ExportOutcome:
 BACKENDS: dict[str, Callable] = {"onnxruntime": _cpu_onnx, "coreml": _coreml, "tensorrt": _tensorrt}
 
 
-def export_for(runtime: str, context) -> ExportOutcome:
+def export_for(runtime: str, context: ExportContext) -> ExportOutcome:
     backend = BACKENDS.get(runtime)
     if backend is None:
         return ExportOutcome("not_available", f"the {runtime} back end is not built yet; the pruned "

@@ -11,7 +11,7 @@ from prunekit.estimate import estimate_latency, model_cost
 from prunekit.exporters.coreml import (check_package, convert_coreml, inspect_package, package_bytes,
                                        predict_check, quantize_int8, reference_check)
 from prunekit.progress import say
-from prunekit.targets import ExportOutcome
+from prunekit.targets import ExportContext, ExportOutcome
 
 MAX_LENGTH = 512  # KV cache positions in the package's state
 
@@ -20,10 +20,10 @@ def _weight_bytes(package: Path) -> int:
     return sum(p.stat().st_size for p in Path(package).rglob("weight*.bin"))
 
 
-def build(context) -> ExportOutcome:
-    profile, plan, stage = context["profile"], context["plan"], Path(context["stage"])
-    pruned, dense, probe = context["model"], context.get("dense"), context["probe_tokens"]
-    quiet = context.get("quiet")
+def build(context: ExportContext) -> ExportOutcome:
+    profile, plan, stage = context.profile, context.plan, Path(context.stage)
+    pruned, dense, probe = context.model, context.dense, context.probe_tokens
+    quiet = context.quiet
     timings, checks, variants = {}, {}, []
     int8 = plan.precision == "int8"
     peak = profile.peak_tflops["fp16"]
@@ -32,7 +32,8 @@ def build(context) -> ExportOutcome:
         start = time.perf_counter()
         checks["reference"] = reference_check(pruned, probe, MAX_LENGTH)
         if not checks["reference"]["passed"]:
-            raise PrunekitError(f"the Core ML export wrapper changes the model's output: {checks['reference']}")
+            raise PrunekitError(f"the Core ML export wrapper changes the model's output beyond fp16 rounding "
+                                f"(a prunekit bug, please report): {checks['reference']}")
         say("converting the pruned model to Core ML (torch.export + coremltools)", quiet)
         fp16 = convert_coreml(pruned, MAX_LENGTH, profile.deployment_target or "iOS18")
         timings["convert_coreml"] = time.perf_counter() - start

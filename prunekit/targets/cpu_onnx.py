@@ -7,18 +7,19 @@ import tempfile
 import time
 from pathlib import Path
 
+from prunekit.evaluation import measure_quality
 from prunekit.exporters.latency import measure_in_subprocess
-from prunekit.exporters.onnx import OnnxDecoder, export_onnx, export_verified, onnx_bytes, quantize_int8
+from prunekit.exporters.onnx import (OnnxDecoder, export_onnx, export_verified, onnx_bytes, onnx_logits,
+                                     quantize_int8)
 from prunekit.progress import say
-from prunekit.targets import ExportOutcome
+from prunekit.targets import ExportContext, ExportOutcome
 
 
-def build(context) -> ExportOutcome:
-    plan, stage = context["plan"], Path(context["stage"])
-    pruned, dense = context["model"], context.get("dense")
-    windows, probe = context["eval_windows"], context["probe_tokens"]
-    flavour = context.get("int8_flavour") or "weight-only"
-    quiet = context.get("quiet", False)
+def build(context: ExportContext) -> ExportOutcome:
+    plan, stage = context.plan, Path(context.stage)
+    pruned, dense = context.model, context.dense
+    windows, probe = context.eval_windows, context.probe_tokens
+    flavour, quiet = context.int8_flavour, context.quiet
     timings, checks, variants = {}, {}, []
     with tempfile.TemporaryDirectory(prefix="prunekit-onnx-") as scratch:
         scratch = Path(scratch)
@@ -32,7 +33,7 @@ def build(context) -> ExportOutcome:
             start = time.perf_counter()
             say(f"quantizing to INT8 ({flavour})", quiet)
             shipped = quantize_int8(pruned_fp32, scratch / "pruned-int8" / "model.onnx", flavour,
-                                    calibration=list(windows[:8]))
+                                    calibration=list(context.calib_tokens[:8]))
             timings["quantize"] = time.perf_counter() - start
             runner = OnnxDecoder(shipped)
             checks["pruned_int8"] = {"kv_cache_io": len(runner.past_names) == len(runner.present_names) > 0,
@@ -46,7 +47,9 @@ def build(context) -> ExportOutcome:
         start = time.perf_counter()
         for name, path in candidates:
             say(f"measuring {name} with ONNX Runtime", quiet)
-            variant = {"name": name, "bytes": onnx_bytes(path), "perplexity": OnnxDecoder(path).perplexity(windows)}
+            variant = {"name": name, "bytes": onnx_bytes(path)}
+            if windows is not None and path != shipped:  # the shipped one is measured by deploy
+                variant["perplexity"] = measure_quality(onnx_logits(OnnxDecoder(path)), windows).perplexity
             variant.update(measure_in_subprocess(path))
             variants.append(variant)
         timings["measure"] = time.perf_counter() - start
@@ -64,5 +67,6 @@ def build(context) -> ExportOutcome:
                "threads": variants[0]["threads"], "shipped": variants[-1]["name"],
                "reference": base["name"], "prompt_tokens": base["prompt_tokens"],
                "decode_tokens": base["decode_tokens"], "repeats": base["repeats"],
-               "perplexity_text": context.get("eval_label")}
-    return ExportOutcome("written", None, variants, latency, checks, timings)
+               "perplexity_text": context.eval_label}
+    return ExportOutcome("written", None, variants, latency, checks, timings,
+                         shipped_onnx=target / "model.onnx", shipped_runtime=latency["runtime"])

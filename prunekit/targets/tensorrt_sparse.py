@@ -16,15 +16,14 @@ from prunekit.exporters.onnx import OnnxDecoder, export_verified, quantize_int8
 from prunekit.exporters.onnx_sparsity import gemm_weights, nm_report
 from prunekit.exporters.tensorrt import build_engine, tensorrt_available, write_build_script
 from prunekit.progress import say
-from prunekit.targets import ExportOutcome
+from prunekit.targets import ExportContext, ExportOutcome
 
 
-def build(context) -> ExportOutcome:
-    profile, plan, stage = context["profile"], context["plan"], Path(context["stage"])
-    pruned, windows, probe = context["model"], context["eval_windows"], context["probe_tokens"]
-    quiet = context.get("quiet", False)
+def build(context: ExportContext) -> ExportOutcome:
+    profile, plan, stage = context.profile, context.plan, Path(context.stage)
+    pruned, probe, quiet = context.model, context.probe_tokens, context.quiet
     int8 = plan.precision == "int8"
-    n_m = plan.n_m
+    n_m = plan.pattern.n_m
     timings, checks = {}, {}
     target = stage / "onnx"
     target.mkdir()
@@ -40,7 +39,7 @@ def build(context) -> ExportOutcome:
         if int8:
             start = time.perf_counter()
             say("INT8 as explicit QDQ (per-channel weights, calibrated activations)", quiet)
-            shipped = quantize_int8(fp32, Path(scratch) / "qdq" / "model.onnx", "qdq", calibration=list(windows[:8]))
+            shipped = quantize_int8(fp32, Path(scratch) / "qdq" / "model.onnx", "qdq", calibration=list(context.calib_tokens[:8]))
             timings["quantize"] = time.perf_counter() - start
             if n_m:
                 checks["nm_after_int8"] = nm_report(gemm_weights(shipped), *n_m)
@@ -67,13 +66,14 @@ def build(context) -> ExportOutcome:
 
     precision = "int8" if int8 else "fp16"
     weight_bytes_per_value = 1 if int8 else 2
-    dense, cost = context.get("dense"), model_cost(pruned)
+    dense, cost = context.dense, model_cost(pruned)
     params = sum(p.numel() for p in pruned.parameters())
-    speedup = profile.sparse_gemm_speedup if plan.pattern == "2:4" and profile.sparse_tensor_cores else 1.0
+    two_four = plan.pattern.n_m == (2, 4)
+    speedup = profile.sparse_gemm_speedup if two_four and profile.sparse_tensor_cores else 1.0
     # 2:4 GEMM weights are stored compressed (half the values plus 2-bit indices per kept value);
     # embeddings, lm_head and norms stay dense.
     sparse_params = sum(lin.weight.numel() for layer in decoder_layers(pruned)
-                        for lin in block_linears(pruned, layer).values()) if plan.pattern == "2:4" else 0
+                        for lin in block_linears(pruned, layer).values()) if two_four else 0
     stored = weight_bytes_per_value * ((params - sparse_params) + sparse_params * (0.5 + 0.0625))
     if dense is not None:
         dense_cost, dense_bytes = model_cost(dense), sum(p.numel() for p in dense.parameters()) * weight_bytes_per_value
@@ -93,4 +93,6 @@ def build(context) -> ExportOutcome:
                       "from 2:4 beyond the smaller weights",
                "formula": variants[-1]["formula"]}
     status_reason = None if ok else f"ONNX and build script written; engine not built: {why}"
-    return ExportOutcome("written", status_reason, variants, latency, checks, timings)
+    return ExportOutcome("written", status_reason, variants, latency, checks, timings,
+                         shipped_onnx=target / "model.onnx",
+                         shipped_runtime="onnxruntime CPU (the ONNX the TensorRT engine is built from)")

@@ -1,0 +1,65 @@
+"""The pruning methods, one entry each: what kind of pattern a method makes and how to build its
+block pruner. Profiles, plans and the CLI read the names from here; nothing else lists methods.
+
+Importing this module is cheap (no torch): the CLI's argument choices come from it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from prunekit.errors import UserInputError
+from prunekit.pattern import Pattern
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    structured: bool  # removes whole channels (pattern "structured") or zeroes single weights
+    summary: str
+    build: Callable  # (sparsity, pattern, **options) -> block pruner
+
+    def check_pattern(self, pattern: Pattern) -> None:
+        if self.structured and not pattern.structured:
+            raise UserInputError(f"method {self.name} removes whole channels: use --pattern structured, "
+                                 f"or --method wanda/sparsegpt/magnitude for pattern {pattern}")
+        if not self.structured and pattern.structured:
+            raise UserInputError(f"method {self.name} zeroes single weights: use --pattern unstructured "
+                                 f"or N:M, or --method fasp for structured pruning")
+
+
+def _fasp(sparsity: float, pattern: Pattern, **options):
+    from prunekit.pruning.fasp import FaspPruner
+
+    return FaspPruner(sparsity=sparsity, **options)
+
+
+def _zeroing(name: str) -> Callable:
+    def build(sparsity: float, pattern: Pattern, **options):
+        from prunekit.pruning.unstructured import UnstructuredPruner
+
+        if options:
+            raise UserInputError(f"method {name} takes no option {', '.join(sorted(options))} "
+                                 f"(FASP-only)")
+        return UnstructuredPruner(name, pattern.implied_sparsity or sparsity, pattern.n_m)
+    return build
+
+
+REGISTRY: dict[str, Method] = {m.name: m for m in (
+    Method("fasp", True, "structured: MLP and value channels removed, consumer refit", _fasp),
+    Method("wanda", False, "|W|·‖X‖ per output row, unstructured or N:M", _zeroing("wanda")),
+    Method("sparsegpt", False, "column-wise pruning with inverse-Hessian weight update", _zeroing("sparsegpt")),
+    Method("magnitude", False, "|W| per layer (baseline)", _zeroing("magnitude")),
+)}
+METHODS = tuple(REGISTRY)
+
+
+def method(name: str) -> Method:
+    if name not in REGISTRY:
+        raise UserInputError(f"unknown method '{name}': use one of {', '.join(METHODS)}")
+    return REGISTRY[name]
+
+
+def default_pattern(name: str) -> Pattern:
+    return Pattern("structured" if method(name).structured else "unstructured")
