@@ -47,6 +47,16 @@ class Pattern:
         """N:M fixes the fraction of zeros at 1 − N/M; the other kinds leave it free."""
         return 1 - self.n / self.m if self.kind == "n:m" else None
 
+    def resolve_sparsity(self, requested: float | None, default: float) -> float:
+        """N:M fixes the sparsity (a different --sparsity is an error); otherwise the request or the default."""
+        implied = self.implied_sparsity
+        if implied is None:
+            return check_sparsity(default if requested is None else requested)
+        if requested is not None and abs(requested - implied) > 1e-9:
+            raise UserInputError(f"pattern {self} fixes the sparsity at {implied:g}: drop --sparsity "
+                                 f"or pass --sparsity {implied:g}")
+        return implied
+
     def __str__(self) -> str:
         return f"{self.n}:{self.m}" if self.kind == "n:m" else self.kind
 

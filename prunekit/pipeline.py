@@ -115,6 +115,7 @@ def deploy(target: str, model: str | None = None, out: str | Path | None = None,
     """Run the whole job; raises QualityGateFailed (exit 3) after writing everything if the gate misses."""
     quiet_libraries(quiet)
     from prunekit.checkpoint import save_checkpoint
+    from prunekit.exporters.latency import peak_rss_gb
     from prunekit.pruning.run import prune
     from prunekit.report import SCHEMA, artifact_list, hardware, versions, write_report
     from prunekit.targets import ExportContext, export_for
@@ -132,7 +133,7 @@ def deploy(target: str, model: str | None = None, out: str | Path | None = None,
     check_output(out, force, keep=tuple(p for p in [model] if p and Path(p).exists()))
     use_usable_cores()
 
-    timings = {}
+    timings, began = {}, time.perf_counter()
     with staged_output(out, force) as stage:
         start = time.perf_counter()
         loaded = _load(model, quiet)
@@ -187,6 +188,10 @@ def deploy(target: str, model: str | None = None, out: str | Path | None = None,
             "latency": export.latency, "variants": export.variants,
             "export": {"status": export.status, "reason": export.reason, "checks": export.checks},
             "gate": gate, "hardware": hardware(), "timings": {k: round(v, 2) for k, v in timings.items()},
+            "resources": {"wall_seconds": round(time.perf_counter() - began, 1),
+                          "peak_rss_gb": round(peak_rss_gb(), 3),
+                          "note": "peak RSS (VmHWM) of the deploy process; each latency subprocess "
+                                  "reports its own in variants"},
             "versions": versions(), "artifacts": [],
         }
         report["artifacts"] = artifact_list(stage)
@@ -224,7 +229,7 @@ def prune_to_folder(out: str | Path, method: str, model: str | None = None, spar
     model calibrates on its own text, 64 x 256 tokens (as the profiles do), and says so."""
     quiet_libraries(quiet)
     from prunekit.checkpoint import save_checkpoint
-    from prunekit.pattern import Pattern, check_sparsity
+    from prunekit.pattern import Pattern
     from prunekit.pruning.registry import default_pattern, method as lookup_method
     from prunekit.pruning.run import make_pruner, prune
     from prunekit.threads import use_usable_cores
@@ -232,7 +237,7 @@ def prune_to_folder(out: str | Path, method: str, model: str | None = None, spar
     chosen = lookup_method(method)
     parsed = Pattern.parse(pattern) if pattern is not None else default_pattern(method)
     chosen.check_pattern(parsed)
-    sparsity = parsed.implied_sparsity or check_sparsity(0.5 if sparsity is None else sparsity)
+    sparsity = parsed.resolve_sparsity(sparsity, 0.5)
     options = ({"granularity": granularity, "channel_multiple": channel_multiple, "restore": restore}
                if chosen.structured else {})
     make_pruner(method, sparsity, parsed, **options)  # option errors before the model loads

@@ -121,15 +121,8 @@ def make_plan(profile: Profile, method: str | None = None, pattern: str | Patter
         pattern = profile_pattern if profile_pattern.structured == chosen.structured else default_pattern(method)
     chosen.check_pattern(pattern)
 
-    if pattern.implied_sparsity is not None:
-        implied = pattern.implied_sparsity
-        if sparsity is not None and abs(sparsity - implied) > 1e-9:
-            raise UserInputError(f"pattern {pattern} fixes the sparsity at {implied:g}: drop --sparsity "
-                                 f"or pass --sparsity {implied:g}")
-        sparsity = implied
-    elif sparsity is None:
-        same_kind = lookup_method(profile.default_method).structured == chosen.structured
-        sparsity = profile.default_sparsity if same_kind else 0.5
+    same_kind = lookup_method(profile.default_method).structured == chosen.structured
+    sparsity = pattern.resolve_sparsity(sparsity, profile.default_sparsity if same_kind else 0.5)
 
     if not profile.sparse_tensor_cores and not chosen.structured:
         warnings.append(f"{method} {pattern} on {profile.name} will not run faster: {profile.device_name} "

@@ -58,7 +58,7 @@ def write_report(report: dict, folder: Path) -> list[Path]:
     validate_report(report)
     folder = Path(folder)
     json_path = folder / "report.json"
-    json_path.write_text(json.dumps(report, indent=2, sort_keys=False) + "\n")
+    json_path.write_text(json.dumps(report, indent=2, sort_keys=False, allow_nan=False) + "\n")
     plot_path = folder / "report.png"
     _plot(report, plot_path)
     md_path = folder / "report.md"
@@ -86,12 +86,16 @@ def markdown(report: dict, plot_name: str) -> str:
     for warning in report["plan"].get("warnings", []):
         lines.append(f"> warning: {warning}")
     lines += ["", "## Quality (measured)", "",
-              "| text | windows x tokens | dense ppl | pruned ppl | change | KL | top-1 |",
-              "|---|---|---|---|---|---|---|"]
-    for q in report["quality"]:
+              "| text | model | computed by | windows x tokens | dense ppl | ppl | change | KL | top-1 |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    rows = [("shipped", q) for q in report["quality"]]
+    if report["quality"] and report["quality"][0].get("runtime", "torch") != "torch":  # else the same rows
+        rows += [("pruned, before export", q) for q in report.get("quality_pruned_torch", [])]
+    for model, q in rows:
         change = (f"{100 * (q['perplexity'] / q['dense_perplexity'] - 1):+.1f}%"
                   if q["dense_perplexity"] else "-")
-        lines.append(f"| {q['language']} ({q['source']}) | {q['windows']} x {q['tokens'] // max(q['windows'], 1) + 1} "
+        lines.append(f"| {q['language']} ({q['source']}) | {model} | {q.get('runtime', 'torch')} "
+                     f"| {q['windows']} x {q['tokens'] // max(q['windows'], 1) + 1} "
                      f"| {_fmt(q['dense_perplexity'])} | {_fmt(q['perplexity'])} | {change} "
                      f"| {_fmt(q['kl'], '.4f')} | {_fmt(q['top1'], '.3f')} |")
     variants = report.get("variants", [])
@@ -105,7 +109,10 @@ def markdown(report: dict, plot_name: str) -> str:
                          f"| {_fmt(v.get('tokens_per_s'), '.1f')} |")
     lines += ["", "## Artifacts", "", "| file | bytes |", "|---|---|"]
     lines += [f"| {a['path']} | {a['bytes']:,} |" for a in report["artifacts"]]
+    resources = report.get("resources") or {}
     lines += ["", "## Stage timings (s)", "", " · ".join(f"{k} {v:.1f}" for k, v in report["timings"].items()),
+              "", f"Wall time {_fmt(resources.get('wall_seconds'), '.0f')} s, peak RSS "
+                  f"{_fmt(resources.get('peak_rss_gb'), '.2f')} GB (this process; latency runs in their own).",
               "", f"![quality and size]({plot_name})", ""]
     return "\n".join(lines)
 

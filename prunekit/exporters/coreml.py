@@ -19,6 +19,9 @@ from prunekit.exporters.decoder import StatefulDecoder, causal_mask
 
 DEPLOYMENT_TARGETS = {"iOS18": 9}  # Core ML spec version; state (KV cache) needs iOS 18
 INT8_WEIGHT_OPS = ("constexpr_blockwise_shift_scale", "constexpr_affine_dequantize")
+# How far the wrapper (fp16 KV cache) may drift from fp32, in multiples of what rounding the keys and
+# values to fp16 costs the Hugging Face forward (see reference_check).
+RMS_DRIFT_FACTOR, MAX_DRIFT_FACTOR = 3.0, 8.0
 
 
 def _coremltools():
@@ -115,10 +118,12 @@ def reference_check(model: torch.nn.Module, tokens: torch.Tensor, max_length: in
 
     The first ``prefill`` tokens go in at once, the rest one at a time through the cache (teacher
     forced, so both paths see the same tokens). The allowance comes from an fp16 reference: the
-    Hugging Face forward with its keys and values rounded to fp16, whose distance from the fp32
-    forward is what fp16 costs this model. The wrapper may drift from fp32 by 4x that (at least
-    1e-3 of the logits' spread), and may pick another next token only where the two were tied
-    within that drift."""
+    Hugging Face forward with its keys and values rounded to fp16 (before RoPE; the wrapper rounds
+    after it), whose distance from the fp32 forward is what fp16 costs this model. The wrapper's
+    root-mean-square drift from fp32 may be 3x that reference's and its largest 8x (maxima of
+    rounding noise are heavy-tailed: 0.3-2.3x on the default model, RMS 0.3-1.7x), each at least a
+    small fraction of the logits' spread; and it may pick another next token only where the two
+    were tied within twice the allowed drift."""
     n = tokens.numel()
     prefill = prefill or max(1, n // 2)
     decoder = StatefulDecoder(model, max_length).eval()
@@ -129,9 +134,14 @@ def reference_check(model: torch.nn.Module, tokens: torch.Tensor, max_length: in
         ours = torch.cat(steps).float()
         reference = model(tokens[None], use_cache=False).logits[0].float()
         fp16_reference = _kv_rounded_forward(model, tokens)
-    fp16_cost = float((fp16_reference - reference).abs().max())
-    allowed = max(4 * fp16_cost, 1e-3 * float(reference.std()))
-    drift = float((ours - reference).abs().max())
+    def rms(x: torch.Tensor) -> float:
+        return float(x.pow(2).mean().sqrt())
+
+    spread = float(reference.std())
+    fp16_cost, fp16_rms = float((fp16_reference - reference).abs().max()), rms(fp16_reference - reference)
+    allowed = max(MAX_DRIFT_FACTOR * fp16_cost, 1e-3 * spread)
+    allowed_rms = max(RMS_DRIFT_FACTOR * fp16_rms, 1e-4 * spread)
+    drift, drift_rms = float((ours - reference).abs().max()), rms(ours - reference)
     ref_top, our_top = reference.argmax(-1), ours.argmax(-1)
     # Where the next tokens differ, how far apart the fp32 forward put the two.
     margins = (reference.gather(1, ref_top[:, None]) - reference.gather(1, our_top[:, None]))[:, 0]
@@ -139,10 +149,10 @@ def reference_check(model: torch.nn.Module, tokens: torch.Tensor, max_length: in
     log_ref, log_ours = F.log_softmax(reference, -1), F.log_softmax(ours, -1)
     kl = float((log_ref.exp() * (log_ref - log_ours)).sum(-1).mean())
     checks = {"max_abs_logit_diff": drift, "allowed": allowed, "fp16_reference_diff": fp16_cost,
-              "kl": kl, "next_token_agreement": float((~flips).float().mean()),
+              "rms_logit_diff": drift_rms, "allowed_rms": allowed_rms, "fp16_reference_rms": fp16_rms, "kl": kl, "next_token_agreement": float((~flips).float().mean()),
               "flips_outside_ties": int((flips & (margins > 2 * allowed)).sum()),
               "tokens": n, "through_cache": n - prefill, "note": "KV cache held in fp16"}
-    checks["passed"] = drift <= allowed and checks["flips_outside_ties"] == 0
+    checks["passed"] = drift <= allowed and drift_rms <= allowed_rms and checks["flips_outside_ties"] == 0
     return checks
 
 
