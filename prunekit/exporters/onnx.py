@@ -93,7 +93,6 @@ class OnnxDecoder:
         return tokens
 
 
-
 def onnx_logits(runner: OnnxDecoder):
     """A window -> next-token logits function over an ONNX decoder (empty cache), for the same
     quality arithmetic as the torch model's (prunekit.evaluation.measure_qualities)."""
