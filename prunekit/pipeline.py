@@ -292,6 +292,8 @@ def export(target: str, model_dir: str | Path, out: str | Path, force: bool = Fa
         raise UserInputError(f"--model {model_dir} is not a folder: pass the folder `prunekit prune` wrote")
     profile = load_profile(target)
     plan: Plan = plan_for_folder(profile, read_manifest(folder), int8)
+    for warning in plan.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     calibration = Calibration(calib, 8, 512).check()
     out = Path(out)
     check_output(out, force, keep=(folder,))

@@ -169,6 +169,9 @@ def plan_for_folder(profile: Profile, manifest: dict | None, int8: bool | None =
         except (KeyError, TypeError, ValueError) as exc:
             raise UserInputError(f"prunekit.json is missing or has a bad field ({exc}): re-run "
                                  f"`prunekit prune` to write it") from None
+    if manifest is not None and not profile.sparse_tensor_cores and not plan.structured:
+        plan.warnings.append(f"{plan.method} {plan.pattern} zeros make nothing faster on {profile.name}: the "
+                             f"artifact stays dense; prune with --method fasp to remove channels instead")
     if profile.sparse_tensor_cores and Pattern.parse(profile.default_pattern).n_m is not None:
         wanted = Pattern.parse(profile.default_pattern)
         if plan.pattern != wanted:

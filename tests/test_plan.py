@@ -68,3 +68,19 @@ def test_parse_pattern():
 def test_padded_2_4_is_the_2_4_pattern_on_a_gpu_profile():
     plan = make_plan(load_profile("a100-tensorrt-sparse"), pattern="02:04")
     assert str(plan.pattern) == "2:4" and plan.warnings == []
+
+
+def test_plan_for_folder_follows_the_manifest():
+    from prunekit.plan import plan_for_folder
+
+    cpu, a100 = load_profile("cpu-onnx"), load_profile("a100-tensorrt-sparse")
+    w24 = {"method": "wanda", "pattern": "2:4", "sparsity": 0.5}
+    plan = plan_for_folder(a100, w24, int8=True)
+    assert (plan.method, str(plan.pattern), plan.precision) == ("wanda", "2:4", "int8")
+    assert "make nothing faster" in plan_for_folder(cpu, w24).warnings[0]
+    assert plan_for_folder(cpu, {"method": "fasp", "pattern": "structured", "sparsity": 0.3}).warnings == []
+    for manifest, what in [(None, "unpruned"), ({"method": "wanda", "pattern": "4:8", "sparsity": 0.5}, "wanda 4:8")]:
+        with pytest.raises(UserInputError, match=f"runs 2:4 sparse weights, but this folder is {what}"):
+            plan_for_folder(a100, manifest)
+    with pytest.raises(UserInputError, match="bad field"):
+        plan_for_folder(cpu, {"method": "fasp"})
