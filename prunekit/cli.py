@@ -68,11 +68,11 @@ def _integer(low: int, high: int | None = None, what: str = ""):
     return parse
 
 
-def _pattern(text: str) -> str:
+def _pattern(text: str) -> Pattern:
     from prunekit.errors import UserInputError
 
     try:
-        return str(Pattern.parse(text))
+        return Pattern.parse(text)  # parsed once, here; the flows take the Pattern
     except UserInputError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from prunekit.errors import QualityGateFailed, UserInputError
 from prunekit.evaluation import EvalText, Quality, measure_qualities, parse_eval_spec, text_windows
 from prunekit.outputs import check_output, staged_output
+from prunekit.pattern import Pattern
 from prunekit.plan import Budget, Plan, make_plan, plan_for_folder
 from prunekit.profile import load_profile
 from prunekit.progress import quiet_libraries, say
@@ -106,7 +107,7 @@ def _load(model: str | None, quiet: bool):
 
 
 def deploy(target: str, model: str | None = None, out: str | Path | None = None, force: bool = False,
-           method: str | None = None, sparsity: float | None = None, pattern: str | None = None,
+           method: str | None = None, sparsity: float | None = None, pattern: str | Pattern | None = None,
            int8: bool | None = None, calib: str | None = None, calib_samples: int | None = None,
            calib_seqlen: int | None = None, seed: int = 0, evals: list[str] | None = None,
            eval_seqlen: int = 512, eval_windows: int | None = 16, max_ppl_increase: float | None = None,
@@ -221,7 +222,7 @@ def _quality(pruned, dense, export, evaluation: Evaluation, windows: list, quiet
 
 
 def prune_to_folder(out: str | Path, method: str, model: str | None = None, sparsity: float | None = None,
-                    pattern: str | None = None, granularity: str = "channels", channel_multiple: int = 32,
+                    pattern: str | Pattern | None = None, granularity: str = "channels", channel_multiple: int = 32,
                     restore: bool = True, calib: str | None = None, calib_samples: int | None = None,
                     calib_seqlen: int | None = None, seed: int = 0, force: bool = False,
                     quiet: bool = False):
@@ -229,13 +230,12 @@ def prune_to_folder(out: str | Path, method: str, model: str | None = None, spar
     model calibrates on its own text, 64 x 256 tokens (as the profiles do), and says so."""
     quiet_libraries(quiet)
     from prunekit.checkpoint import save_checkpoint
-    from prunekit.pattern import Pattern
     from prunekit.pruning.registry import default_pattern, method as lookup_method
     from prunekit.pruning.run import make_pruner, prune
     from prunekit.threads import use_usable_cores
 
     chosen = lookup_method(method)
-    parsed = Pattern.parse(pattern) if pattern is not None else default_pattern(method)
+    parsed = (Pattern.parse(pattern) if isinstance(pattern, str) else pattern) or default_pattern(method)
     chosen.check_pattern(parsed)
     sparsity = parsed.resolve_sparsity(sparsity, 0.5)
     options = ({"granularity": granularity, "channel_multiple": channel_multiple, "restore": restore}
