@@ -21,7 +21,7 @@ DEPLOYMENT_TARGETS = {"iOS18": 9}  # Core ML spec version; state (KV cache) need
 INT8_WEIGHT_OPS = ("constexpr_blockwise_shift_scale", "constexpr_affine_dequantize")
 # How far the wrapper (fp16 KV cache) may drift from fp32, in multiples of what rounding the keys and
 # values to fp16 costs the Hugging Face forward (see reference_check).
-RMS_DRIFT_FACTOR, MAX_DRIFT_FACTOR = 3.0, 8.0
+RMS_DRIFT_FACTOR, MAX_DRIFT_FACTOR = 4.0, 8.0
 
 
 def _coremltools():
@@ -120,8 +120,8 @@ def reference_check(model: torch.nn.Module, tokens: torch.Tensor, max_length: in
     forced, so both paths see the same tokens). The allowance comes from an fp16 reference: the
     Hugging Face forward with its keys and values rounded to fp16 (before RoPE; the wrapper rounds
     after it), whose distance from the fp32 forward is what fp16 costs this model. The wrapper's
-    root-mean-square drift from fp32 may be 3x that reference's and its largest 8x (maxima of
-    rounding noise are heavy-tailed: 0.3-2.3x on the default model, RMS 0.3-1.7x), each at least a
+    root-mean-square drift from fp32 may be 4x that reference's and its largest 8x (maxima of
+    rounding noise are heavy-tailed: 0.3-2.3x on the default model, RMS 0.3-1.7x, over 14 probes), each at least a
     small fraction of the logits' spread; and it may pick another next token only where the two
     were tied within twice the allowed drift."""
     n = tokens.numel()
