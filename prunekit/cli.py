@@ -96,7 +96,7 @@ def _add_output(p, required=False):
     p.add_argument("--out", required=required, help="output folder" + ("" if required else
                                                                         " (default prunekit-out/TARGET)"))
     p.add_argument("--force", action="store_true", help="replace an existing --out folder")
-    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    p.add_argument("--quiet", action="store_true", help="no progress, no library output: errors and warnings only")
 
 
 def _add_pruning(p, required_method=False):
@@ -308,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dense", help="reference model for KL and top-1 ('default' = embedded model)")
     _add_eval(e)
     e.add_argument("--json", action="store_true")
-    e.add_argument("--quiet", action="store_true", help="print nothing but errors and results")
+    e.add_argument("--quiet", action="store_true", help="no progress: results, errors and warnings only")
 
     x = _subcommand(sub, "export", "export a pruned folder to a target's artifact (with the plan in its "
                                    "prunekit.json)",

@@ -22,6 +22,14 @@ def quiet_libraries(quiet: bool) -> None:
     logging.getLogger().setLevel(logging.WARNING)
     for name in _QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+    # torch resets its own loggers when it loads, from TORCH_LOGS ("-onnx": errors only; its ONNX
+    # exporter warns once per torchvision op it skips); once loaded, only set_logs changes them.
+    if "torch" not in sys.modules:
+        os.environ.setdefault("TORCH_LOGS", "-onnx")
+    elif "TORCH_LOGS" not in os.environ:  # with it set, torch honoured it at import and refuses set_logs
+        import torch._logging
+
+        torch._logging.set_logs(onnx=logging.ERROR)
     if quiet:
         warnings.filterwarnings("ignore")
         # Read when the libraries load (the CLI's case) ...

@@ -235,3 +235,12 @@ def test_signal_leaves_nothing_behind(tiny_folder, tmp_path, signum, code):  # 2
     assert len(err) == 1 and err[0].startswith("error:") and "nothing was written" in err[0]
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
     assert list(tmp.iterdir()) == []
+
+
+def test_quiet_cli_process_prints_nothing(tiny_folder, tmp_path):  # 8: bars, torchvision warnings, ORT INFO
+    proc = subprocess.run([sys.executable, "-m", "prunekit", "export", "--target", "cpu-onnx", "--model",
+                           str(tiny_folder), "--out", str(tmp_path / "x"), "--calib", str(tmp_path / "text.txt"),
+                           "--quiet"], capture_output=True, text=True, env={k: v for k, v in os.environ.items()
+                                                                          if k != "TORCH_LOGS"})
+    assert proc.returncode == 0 and proc.stdout == "" and proc.stderr == "", proc.stderr[-2000:]
+    assert (tmp_path / "x" / "onnx" / "model.onnx").is_file()

@@ -45,8 +45,9 @@ def export_onnx(model: torch.nn.Module, path: Path, fused: bool = True) -> Path:
     example = (torch.zeros(1, 4, dtype=torch.long), *decoder.empty_cache(1, 3))
     shapes = ({0: batch, 1: seq}, tuple({0: batch, 2: past_len} for _ in past_names))
     path.parent.mkdir(parents=True, exist_ok=True)
-    for name in ("onnx_ir", "onnxscript", "torch.onnx"):
-        logging.getLogger(name).setLevel(logging.WARNING)  # per-initializer INFO lines drown progress
+    for name in ("onnx_ir", "onnxscript", "torch.onnx"):  # per-initializer INFO lines drown progress
+        logger = logging.getLogger(name)
+        logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))  # never lower (--quiet)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(decoder, example, str(path), input_names=["input_ids", *past_names],
