@@ -13,15 +13,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from prunekit.arch import architecture_for, decoder_layers
 from prunekit.errors import MissingExtraError
 from prunekit.exporters.decoder import StatefulDecoder, causal_mask
 
 DEPLOYMENT_TARGETS = {"iOS18": 9}  # Core ML spec version; state (KV cache) needs iOS 18
 INT8_WEIGHT_OPS = ("constexpr_blockwise_shift_scale", "constexpr_affine_dequantize")
-# How far the wrapper (fp16 KV cache) may drift from fp32, in multiples of what rounding the keys and
-# values to fp16 costs the Hugging Face forward (see reference_check).
-RMS_DRIFT_FACTOR, MAX_DRIFT_FACTOR = 4.0, 8.0
+# How far the wrapper's logits may differ from the fp16-cache reference, as fractions of the logits'
+# spread (see reference_check).
+RMS_DIFF_OF_SPREAD, MAX_DIFF_OF_SPREAD = 2e-3, 5e-2
 
 
 def _coremltools():
@@ -113,17 +112,18 @@ def check_package(info: dict, expected_states: int, int8: bool, deployment_targe
 def reference_check(model: torch.nn.Module, tokens: torch.Tensor, max_length: int = 512,
                     prefill: int | None = None) -> dict:
     """The converted program's PyTorch source (the stateful decoder, KV cache held in fp16) against
-    the Hugging Face forward, judged as fp16 numerics are: catches a wrapper that changes the math
-    (position, mask, cache slot, scaling), not the rounding an fp16 cache is allowed.
+    an fp16 reference, judged as fp16 numerics are: catches a wrapper that changes the math
+    (position, mask, cache slot, scaling), not the rounding an fp16 cache brings.
 
-    The first ``prefill`` tokens go in at once, the rest one at a time through the cache (teacher
-    forced, so both paths see the same tokens). The allowance comes from an fp16 reference: the
-    Hugging Face forward with its keys and values rounded to fp16 (before RoPE; the wrapper rounds
-    after it), whose distance from the fp32 forward is what fp16 costs this model. The wrapper's
-    root-mean-square drift from fp32 may be 4x that reference's and its largest 8x (maxima of
-    rounding noise are heavy-tailed: 0.3-2.3x on the default model, RMS 0.3-1.7x, over 14 probes), each at least a
-    small fraction of the logits' spread; and it may pick another next token only where the two
-    were tied within twice the allowed drift."""
+    The reference is the Hugging Face forward with its own KV cache held in fp16 (keys after RoPE,
+    values), so both round the same numbers: what is left between them is float32 summation order,
+    which can still move a value across an fp16 rounding boundary, and so stays a small fraction of
+    the logits' spread (RMS 0.01-0.04%, largest 0.1-0.9% on the default model) where a wrong
+    position or cache slot moves it by percents. The first ``prefill`` tokens go in at once, the
+    rest one at a time through the cache (teacher forced). The wrapper may differ by 0.2% of the
+    spread in RMS and 5% at most, and may pick another next token only where the reference's two
+    candidates were tied within twice its largest difference. The drift from the fp32 forward (what
+    fp16 costs the model; 0.01-0.7 on the default model) is reported, not judged."""
     n = tokens.numel()
     prefill = prefill or max(1, n // 2)
     decoder = StatefulDecoder(model, max_length).eval()
@@ -132,41 +132,39 @@ def reference_check(model: torch.nn.Module, tokens: torch.Tensor, max_length: in
         for t in range(prefill, n):
             steps.append(decoder(tokens[None, t:t + 1], causal_mask(1, t, torch.float32)[None, None])[0])
         ours = torch.cat(steps).float()
-        reference = model(tokens[None], use_cache=False).logits[0].float()
-        fp16_reference = _kv_rounded_forward(model, tokens)
-    def rms(x: torch.Tensor) -> float:
-        return float(x.pow(2).mean().sqrt())
-
+        fp32 = model(tokens[None], use_cache=False).logits[0].float()
+        reference = _fp16_cache_forward(model, tokens)
     spread = float(reference.std())
-    fp16_cost, fp16_rms = float((fp16_reference - reference).abs().max()), rms(fp16_reference - reference)
-    allowed = max(MAX_DRIFT_FACTOR * fp16_cost, 1e-3 * spread)
-    allowed_rms = max(RMS_DRIFT_FACTOR * fp16_rms, 1e-4 * spread)
-    drift, drift_rms = float((ours - reference).abs().max()), rms(ours - reference)
+    diff = ours - reference
+    largest, rms = float(diff.abs().max()), float(diff.pow(2).mean().sqrt())
     ref_top, our_top = reference.argmax(-1), ours.argmax(-1)
-    # Where the next tokens differ, how far apart the fp32 forward put the two.
     margins = (reference.gather(1, ref_top[:, None]) - reference.gather(1, our_top[:, None]))[:, 0]
     flips = ref_top != our_top
     log_ref, log_ours = F.log_softmax(reference, -1), F.log_softmax(ours, -1)
-    kl = float((log_ref.exp() * (log_ref - log_ours)).sum(-1).mean())
-    checks = {"max_abs_logit_diff": drift, "allowed": allowed, "fp16_reference_diff": fp16_cost,
-              "rms_logit_diff": drift_rms, "allowed_rms": allowed_rms, "fp16_reference_rms": fp16_rms, "kl": kl, "next_token_agreement": float((~flips).float().mean()),
-              "flips_outside_ties": int((flips & (margins > 2 * allowed)).sum()),
-              "tokens": n, "through_cache": n - prefill, "note": "KV cache held in fp16"}
-    checks["passed"] = drift <= allowed and drift_rms <= allowed_rms and checks["flips_outside_ties"] == 0
+    checks = {"max_abs_logit_diff": largest, "allowed": MAX_DIFF_OF_SPREAD * spread,
+              "rms_logit_diff": rms, "allowed_rms": RMS_DIFF_OF_SPREAD * spread, "logit_spread": spread,
+              "kl": float((log_ref.exp() * (log_ref - log_ours)).sum(-1).mean()),
+              "next_token_agreement": float((~flips).float().mean()),
+              "flips_outside_ties": int((flips & (margins > 2 * largest)).sum()),
+              "fp16_cost_vs_fp32": float((reference - fp32).abs().max()),
+              "tokens": n, "through_cache": n - prefill,
+              "reference": "Hugging Face forward with its KV cache in fp16"}
+    checks["passed"] = (largest <= checks["allowed"] and rms <= checks["allowed_rms"]
+                        and checks["flips_outside_ties"] == 0)
     return checks
 
 
-def _kv_rounded_forward(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """Logits of the Hugging Face forward with every key and value projection rounded to fp16."""
-    arch = architecture_for(model.config)
-    handles = [layer.get_submodule(f"{arch.attention}.{name}").register_forward_hook(
-                   lambda module, args, out: out.half().to(out.dtype))
-               for layer in decoder_layers(model) for name in (arch.k, arch.v)]
-    try:
-        return model(tokens[None], use_cache=False).logits[0].float()
-    finally:
-        for handle in handles:
-            handle.remove()
+def _fp16_cache_forward(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """Logits of the Hugging Face forward with its KV cache held in fp16, as the Core ML state
+    holds it: every key (after RoPE) and value is rounded to fp16 where the cache stores it."""
+    from transformers import DynamicCache
+
+    class Fp16Cache(DynamicCache):
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            return super().update(key_states.half().to(key_states.dtype),
+                                  value_states.half().to(value_states.dtype), layer_idx, *args, **kwargs)
+
+    return model(tokens[None], cache=Fp16Cache(config=model.config), use_cache=True).logits[0].float()
 
 
 def predict_check(path: Path, model: torch.nn.Module, tokens: torch.Tensor) -> dict:
