@@ -201,7 +201,8 @@ def test_help_does_not_import_torch():  # 12
 
 
 SLOW_EXPORT = """
-import sys, time, tempfile, pathlib
+import signal, sys, time, tempfile, pathlib
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as from a terminal: a background job starts with SIGINT ignored
 import prunekit.targets
 def slow(runtime, context):
     with tempfile.TemporaryDirectory(prefix="prunekit-onnx-") as scratch:  # as the back ends make theirs
