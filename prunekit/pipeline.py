@@ -283,6 +283,7 @@ def export(target: str, model_dir: str | Path, out: str | Path, force: bool = Fa
     pruned with (its prunekit.json); a folder that cannot serve the target is refused first.
     ``calib`` is the text static INT8 calibrates on."""
     quiet_libraries(quiet)
+    from prunekit.calibration import calibration_ids
     from prunekit.models import read_manifest
     from prunekit.targets import ExportContext, export_for
     from prunekit.threads import use_usable_cores
@@ -301,8 +302,6 @@ def export(target: str, model_dir: str | Path, out: str | Path, force: bool = Fa
 
     loaded = _load(str(folder), quiet)
     with staged_output(out, force) as stage:
-        from prunekit.calibration import calibration_ids
-
         tokens = calibration_ids(calibration.source, loaded.tokenizer, calibration.samples,
                                  calibration.seqlen, calibration.seed, model=loaded.model, progress=not quiet)
         context = ExportContext(profile=profile, plan=plan, model=loaded.model, stage=stage,
