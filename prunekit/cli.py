@@ -17,7 +17,7 @@ import traceback
 
 from prunekit.errors import PrunekitError
 from prunekit.pattern import Pattern
-from prunekit.profile import builtin_profile_names
+from prunekit.profile import PRECISIONS, builtin_profile_names
 from prunekit.pruning.registry import METHODS
 
 EXIT_CODES = ("exit codes: 0 success · 1 unexpected failure · 2 usage or input error · 3 quality gate "
@@ -125,8 +125,22 @@ def _add_eval(p):
 
 
 def _add_precision(p):
-    p.add_argument("--int8", dest="int8", action="store_true", default=None, help="quantize to INT8")
-    p.add_argument("--no-int8", dest="int8", action="store_false", help="keep float weights")
+    p.add_argument("--precision", choices=PRECISIONS,
+                   help="weights to ship: fp32/fp16 (float), int8, int4 (block-wise), palette4 (Core ML); "
+                        "default: searched within the budget")
+    p.add_argument("--int8", dest="precision", action="store_const", const="int8", help="same as --precision int8")
+    p.add_argument("--no-int8", dest="precision", action="store_const", const="float",
+                   help="float weights: fp32 on ONNX Runtime, fp16 on Core ML and TensorRT")
+
+
+def _precision(args, target: str) -> str | None:
+    """--no-int8 names the target's float precision, which only the profile knows."""
+    if args.precision != "float":
+        return args.precision
+    from prunekit.plan import dense_precision
+    from prunekit.profile import load_profile
+
+    return dense_precision(load_profile(target))
 
 
 def _deploy_arguments(p):
@@ -141,8 +155,11 @@ def _deploy_arguments(p):
                         "lm_head kept fp32) or qdq (static, calibrated on calibration tokens)")
     _add_eval(p)
     p.add_argument("--max-ppl-increase", type=_non_negative, metavar="PCT",
-                   help="quality gate: exit 3 if the shipped model's perplexity rises more than PCT percent")
-    p.add_argument("--max-kl", type=_non_negative, help="quality gate: exit 3 if mean KL exceeds this")
+                   help="budget: perplexity at most PCT percent above dense (default: the profile's)")
+    p.add_argument("--max-kl", type=_non_negative, help="budget: mean KL to the dense model at most this")
+    p.add_argument("--max-latency-ms", type=_non_negative, metavar="MS",
+                   help="budget: decode latency per token on the target at most MS")
+    p.add_argument("--max-size-mb", type=_non_negative, metavar="MB", help="budget: artifact at most MB")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
 
 
@@ -158,10 +175,12 @@ def _run_deploy(args) -> int:
     from prunekit.pipeline import deploy
 
     result = deploy(args.target, model=args.model, out=args.out, force=args.force, method=args.method,
-                    sparsity=args.sparsity, pattern=args.pattern, int8=args.int8, calib=args.calib,
+                    sparsity=args.sparsity, pattern=args.pattern, precision=_precision(args, args.target),
+                    calib=args.calib,
                     calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, seed=args.seed,
                     evals=args.eval, eval_seqlen=args.eval_seqlen, eval_windows=args.eval_windows or None,
                     max_ppl_increase=args.max_ppl_increase, max_kl=args.max_kl,
+                    max_latency_ms=args.max_latency_ms, max_size_mb=args.max_size_mb,
                     granularity=args.granularity, int8_flavour=args.int8_flavour, quiet=args.quiet)
     if args.json:
         print(json.dumps(result.report, indent=2, allow_nan=False))
@@ -171,11 +190,14 @@ def _run_deploy(args) -> int:
 
 
 def _run_plan(args) -> int:
-    from prunekit.plan import make_plan
+    from prunekit.plan import Budget, make_plan
     from prunekit.profile import load_profile
 
     profile = load_profile(args.target)
-    plan = make_plan(profile, args.method, args.pattern, args.sparsity, args.int8)
+    budget = Budget.resolve(profile, max_ppl_increase=args.max_ppl_increase, max_kl=args.max_kl,
+                            max_latency_ms=args.max_latency_ms, max_size_mb=args.max_size_mb)
+    plan = make_plan(profile, args.method, args.pattern, args.sparsity, _precision(args, args.target),
+                     budget=budget)
     data = plan.as_dict()
     if args.model:
         from prunekit.models import load_model
@@ -184,8 +206,16 @@ def _run_plan(args) -> int:
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
-    print(f"target {plan.target}: {plan.method} {plan.pattern}, sparsity {plan.sparsity:g}, "
-          f"precision {plan.precision} -> {plan.artifact} for {plan.runtime}, latency {plan.latency_basis}")
+    if plan.search is None:
+        print(f"target {plan.target}: {plan.method} {plan.pattern}, sparsity {plan.sparsity:g}, "
+              f"precision {plan.precision} -> {plan.artifact} for {plan.runtime}, latency {plan.latency_basis}")
+    else:
+        print(f"target {plan.target}: search {plan.method} {plan.pattern} amounts "
+              f"{', '.join(f'{a:g}' for a in plan.search.amounts)} x {', '.join(plan.search.precisions)} "
+              f"-> the {'fastest' if plan.search.objective == 'latency' else 'smallest'} {plan.artifact} for "
+              f"{plan.runtime} within budget, latency {plan.latency_basis}")
+    limits = ", ".join(f"{k} {v:g} ({dict(plan.budget.sources)[k]})" for k, v in plan.budget.limits.items())
+    print(f"  budget: {limits or 'none'}")
     for reason in plan.reasons:
         print(f"  - {reason}")
     for warning in plan.warnings:
@@ -232,7 +262,7 @@ def _run_eval(args) -> int:
 def _run_export(args) -> int:
     from prunekit.pipeline import export
 
-    outcome = export(args.target, args.model, args.out, args.force, args.int8, calib=args.calib,
+    outcome = export(args.target, args.model, args.out, args.force, _precision(args, args.target), calib=args.calib,
                      quiet=args.quiet)
     if not args.quiet:
         print(f"{outcome.status}: {args.out}" + (f" ({outcome.reason})" if outcome.reason else ""))
@@ -286,6 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pattern", type=_pattern)
     p.add_argument("--sparsity", type=_fraction)
     _add_precision(p)
+    for flag, unit in (("--max-ppl-increase", "PCT"), ("--max-kl", None), ("--max-latency-ms", "MS"),
+                       ("--max-size-mb", "MB")):
+        p.add_argument(flag, type=_non_negative, metavar=unit)
     p.add_argument("--json", action="store_true")
 
     r = _subcommand(sub, "prune", "prune a model and save a reloadable Hugging Face folder",

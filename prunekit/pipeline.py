@@ -9,7 +9,6 @@ deploy: profile -> plan -> load -> calibrate + prune -> save -> export (verify, 
 
 from __future__ import annotations
 
-import copy
 import sys
 import time
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from prunekit.errors import QualityGateFailed, UserInputError
 from prunekit.evaluation import EvalText, Quality, measure_qualities, parse_eval_spec, text_windows
 from prunekit.outputs import check_output, staged_output
 from prunekit.pattern import Pattern
-from prunekit.plan import Budget, Plan, make_plan, plan_for_folder
+from prunekit.plan import Budget, Plan, dense_precision, make_plan, plan_for_folder
 from prunekit.profile import load_profile
 from prunekit.progress import quiet_libraries, say
 from prunekit.textsources import check_source
@@ -76,19 +75,16 @@ class Evaluation:
         return [text_windows(tokenizer, t, self.seqlen, self.windows) for t in self.texts]
 
 
-def quality_gate(quality: list[Quality], budget: Budget) -> dict:
-    """Passed, failed (with the text that missed) or not set."""
+def quality_gate(quality: list[Quality], budget: Budget, shipped=None) -> dict:
+    """Passed, failed (with what missed) or not set: the shipped artifact's quality on every
+    evaluation text, and the shipped candidate's latency and size, against the budget."""
     if not budget.is_set:
         return {"status": "not set"}
-    misses = []
-    for q in quality:
-        increase = q.increase_pct
-        if budget.max_ppl_increase is not None and increase > budget.max_ppl_increase:
-            misses.append(f"{q.language}: perplexity +{increase:.1f}% > {budget.max_ppl_increase:g}%")
-        if budget.max_kl is not None and q.kl > budget.max_kl:
-            misses.append(f"{q.language}: KL {q.kl:.4f} > {budget.max_kl:g}")
-    return {"status": "failed" if misses else "passed", **vars(budget), "judged": "shipped artifact"
-            if quality and quality[0].runtime != "torch" else "pruned model in torch",
+    misses = [f"{q.language}: {miss}" for q in quality for miss in budget.misses(ppl_increase=q.increase_pct, kl=q.kl)]
+    if shipped is not None:
+        misses += budget.misses(latency_ms=shipped.decode_ms, size_mb=shipped.size_mb)
+    return {"status": "failed" if misses else "passed", **budget.limits, "sources": dict(budget.sources),
+            "judged": "shipped artifact" if quality and quality[0].runtime != "torch" else "pruned model in torch",
             "reason": "; ".join(misses) or None}
 
 
@@ -108,82 +104,125 @@ def _load(model: str | None, quiet: bool):
 
 def deploy(target: str, model: str | None = None, out: str | Path | None = None, force: bool = False,
            method: str | None = None, sparsity: float | None = None, pattern: str | Pattern | None = None,
-           int8: bool | None = None, calib: str | None = None, calib_samples: int | None = None,
+           precision: str | None = None, calib: str | None = None, calib_samples: int | None = None,
            calib_seqlen: int | None = None, seed: int = 0, evals: list[str] | None = None,
            eval_seqlen: int = 512, eval_windows: int | None = 16, max_ppl_increase: float | None = None,
-           max_kl: float | None = None, granularity: str = "channels", int8_flavour: str = "weight-only",
-           quiet: bool = False) -> DeployResult:
-    """Run the whole job; raises QualityGateFailed (exit 3) after writing everything if the gate misses."""
+           max_kl: float | None = None, max_latency_ms: float | None = None, max_size_mb: float | None = None,
+           granularity: str = "channels", int8_flavour: str = "weight-only", quiet: bool = False) -> DeployResult:
+    """Run the whole job; raises QualityGateFailed (exit 3) after writing everything if the shipped
+    artifact misses the budget (nothing within it: the closest candidate ships)."""
     quiet_libraries(quiet)
+    import tempfile
+
+    from prunekit.calibration import calibration_ids
     from prunekit.checkpoint import save_checkpoint
     from prunekit.exporters.latency import peak_rss_gb
-    from prunekit.pruning.run import prune
     from prunekit.report import SCHEMA, artifact_list, hardware, versions, write_report
-    from prunekit.targets import ExportContext, export_for
+    from prunekit.search import Selection, explore, select, selection_split
+    from prunekit.targets import ExportContext, candidate_builder
     from prunekit.threads import use_usable_cores
 
     profile = load_profile(target)
-    plan = make_plan(profile, method, pattern, sparsity, int8, granularity,
-                     budget=Budget(max_ppl_increase, max_kl))
+    budget = Budget.resolve(profile, max_ppl_increase=max_ppl_increase, max_kl=max_kl,
+                            max_latency_ms=max_latency_ms, max_size_mb=max_size_mb)
+    plan = make_plan(profile, method, pattern, sparsity, precision, granularity, budget=budget)
     for warning in plan.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     out = Path(out or f"prunekit-out/{profile.name}")
     calibration = Calibration(calib or profile.default_calib, calib_samples or profile.default_calib_samples,
                               calib_seqlen or profile.default_calib_seqlen, seed).check()
+    if calibration.samples < 4:
+        raise UserInputError(f"deploy holds calibration samples out to judge candidates: use --calib-samples "
+                             f">= 4 (got {calibration.samples})")
     evaluation = Evaluation.parse(evals, eval_seqlen, eval_windows)
     check_output(out, force, keep=tuple(p for p in [model] if p and Path(p).exists()))
     use_usable_cores()
 
     timings, began = {}, time.perf_counter()
-    with staged_output(out, force) as stage:
+    with staged_output(out, force) as stage, tempfile.TemporaryDirectory(prefix="prunekit-candidates-") as scratch:
         start = time.perf_counter()
         loaded = _load(model, quiet)
-        dense = copy.deepcopy(loaded.model)
+        dense = loaded.model  # never modified: each amount prunes a copy
         timings["load"] = time.perf_counter() - start
 
-        say(f"plan: {plan.method} {plan.pattern} sparsity {plan.sparsity:g}, {plan.precision}", quiet)
         _announce_self_calibration(calibration, quiet)
-        result = prune(loaded, plan.method, plan.sparsity, plan.pattern, calib=calibration.source,
-                       calib_samples=calibration.samples, calib_seqlen=calibration.seqlen,
-                       seed=calibration.seed, progress=not quiet, **plan.pruner_options())
-        timings["calibrate"] = result.seconds["calibration_data"]
-        timings["prune"] = result.seconds["prune"]
-
         start = time.perf_counter()
-        save_checkpoint(result.model, loaded.tokenizer, stage / "model", result.manifest(loaded.source))
-        timings["save"] = time.perf_counter() - start
+        calib_ids = calibration_ids(calibration.source, loaded.tokenizer, calibration.samples, calibration.seqlen,
+                                    calibration.seed, model=dense, progress=not quiet)
+        fit_ids, selection_ids = selection_split(calib_ids)
+        timings["calibrate"] = time.perf_counter() - start
 
         windows = evaluation.token_windows(loaded.tokenizer)
+        probe = windows[0][0][:32]
+        builder = candidate_builder(profile, Path(scratch), probe, quiet, int8_flavour, list(fit_ids[:8]))
+        reference = dense_precision(profile)
+        if plan.search is not None:
+            grid = [(a, plan.search.precisions) for a in plan.search.amounts]
+            say(f"searching {plan.search.size} candidates ({plan.method} amounts x precisions) for the "
+                f"{'fastest' if plan.search.objective == 'latency' else 'smallest'} within budget", quiet)
+        else:  # the fixed plan, beside the dense float model for comparison
+            grid = [(0.0, (reference,)), (plan.sparsity, (plan.precision,))] if plan.sparsity > 0 else \
+                [(0.0, tuple(dict.fromkeys((reference, plan.precision))))]
+            say(f"plan: {plan.method} {plan.pattern} sparsity {plan.sparsity:g}, {plan.precision}", quiet)
+        explored = explore(loaded, dense, plan, grid, fit_ids, selection_ids, builder, calibration.source,
+                           screen=plan.search is not None, progress=not quiet)
+        builder.measure(explored.candidates)
+        timings.update({f"search_{k}": v for k, v in explored.seconds.items()})
+        if plan.search is not None:
+            selection = select(explored.candidates, budget, plan.search.objective)
+        else:
+            fixed = next(c for c in explored.candidates if (c.amount, c.precision) == (plan.sparsity, plan.precision))
+            fixed.judge(budget)
+            selection = Selection(fixed, None, not fixed.misses, "the fixed plan (--sparsity and --precision given)")
+        chosen = selection.chosen
+        plan.sparsity, plan.precision = chosen.amount, chosen.precision
+        plan.reasons.append(f"chosen: {selection.reason}")
+        say(f"chose {chosen.name}: {selection.reason}", quiet)
+        result = explored.pruned.get(chosen.amount)
+        shipped_model = result.model if result is not None else dense
+
+        start = time.perf_counter()
+        manifest = result.manifest(loaded.source) if result is not None else {
+            "prunekit_manifest": 1, "source_model": loaded.source, "method": "none", "pattern": "unstructured",
+            "sparsity": 0.0}
+        save_checkpoint(shipped_model, loaded.tokenizer, stage / "model", manifest)
+        timings["save"] = time.perf_counter() - start
+
         first = evaluation.texts[0]
-        context = ExportContext(profile=profile, plan=plan, model=result.model, stage=stage,
-                                probe_tokens=windows[0][0][:32], calib_tokens=result.calib_ids,
-                                eval_windows=windows[0], dense=dense, int8_flavour=int8_flavour, quiet=quiet,
+        context = ExportContext(profile=profile, plan=plan, model=shipped_model, stage=stage, probe_tokens=probe,
+                                calib_tokens=fit_ids, eval_windows=windows[0], dense=dense,
+                                int8_flavour=int8_flavour, quiet=quiet,
                                 eval_label=f"{first.language} ({first.source}), {len(windows[0])} x "
                                            f"{evaluation.seqlen} tokens")
         start = time.perf_counter()
-        export = export_for(profile.runtime, context)
-        timings["export"] = time.perf_counter() - start
+        export = builder.ship(chosen, stage, context)
+        timings["ship"] = time.perf_counter() - start
         if export.status != "written":
             print(f"note: {export.reason}", file=sys.stderr)
-        timings.update(export.timings)
+        timings.update({f"export_{k}": v for k, v in export.timings.items()})
 
         start = time.perf_counter()
-        shipped, pruned_torch = _quality(result.model, dense, export, evaluation, windows, quiet)
+        shipped, pruned_torch = _quality(shipped_model, dense, export, evaluation, windows, quiet)
         timings["evaluate"] = time.perf_counter() - start
 
-        shipped_name = (export.latency or {}).get("shipped")
-        for variant in export.variants:
-            if variant["name"] == shipped_name and shipped[0].runtime != "torch":
-                variant["perplexity"] = shipped[0].perplexity  # measured once, in _quality
-        gate = quality_gate(shipped, plan.budget)
+        gate = quality_gate(shipped, plan.budget, chosen)
         report = {
             "schema": SCHEMA, "target": profile.name, "model": loaded.source, "plan": plan.as_dict(),
-            "method": plan.method, "pattern": str(plan.pattern), "sparsity": plan.sparsity,
-            "precision": plan.precision,
-            "parameters": {"before": result.parameters_before, "after": result.parameters_after},
-            "calibration": result.calibration, "seed": seed, "mask_hash": result.mask_hash,
-            "pruning": {"check": result.check,
-                        **{k: v for k, v in result.details.items() if k != "structure"}},
+            "method": plan.method if chosen.amount > 0 else "none", "pattern": str(plan.pattern),
+            "sparsity": plan.sparsity, "precision": plan.precision,
+            "parameters": {"before": sum(p.numel() for p in dense.parameters()),
+                           "after": sum(p.numel() for p in shipped_model.parameters())},
+            "calibration": {"source": calibration.source, "samples": int(fit_ids.shape[0]),
+                            "seqlen": calibration.seqlen, "selection_samples": int(selection_ids.shape[0])},
+            "seed": seed, "mask_hash": result.mask_hash if result is not None else None,
+            "pruning": ({"check": result.check, **{k: v for k, v in result.details.items() if k != "structure"}}
+                        if result is not None else {"check": None, "note": "no pruning was chosen"}),
+            "search": {"space": plan.search and plan.search.as_dict(), "budget": budget.as_dict(),
+                       "selected_on": f"{selection_ids.shape[0]} held-out calibration samples x "
+                                      f"{selection_ids.shape[1]} tokens (never the evaluation text)",
+                       "selection": selection.as_dict(), "screen": explored.screen,
+                       "int4_quantizers": builder.int4_comparison,
+                       "candidates": [c.as_dict() for c in explored.candidates]},
             "quality": [q.as_dict() for q in shipped],
             "quality_pruned_torch": [q.as_dict() for q in pruned_torch],
             "latency": export.latency, "variants": export.variants,
@@ -191,8 +230,8 @@ def deploy(target: str, model: str | None = None, out: str | Path | None = None,
             "gate": gate, "hardware": hardware(), "timings": {k: round(v, 2) for k, v in timings.items()},
             "resources": {"wall_seconds": round(time.perf_counter() - began, 1),
                           "peak_rss_gb": round(peak_rss_gb(), 3),
-                          "note": "peak RSS (VmHWM) of the deploy process; each latency subprocess "
-                                  "reports its own in variants"},
+                          "note": "peak RSS (VmHWM) of the deploy process; the latency process reports "
+                                  "its own with each candidate"},
             "versions": versions(), "artifacts": [],
         }
         report["artifacts"] = artifact_list(stage)
@@ -200,14 +239,16 @@ def deploy(target: str, model: str | None = None, out: str | Path | None = None,
     say(f"wrote {out}", quiet)
     deployed = DeployResult(out, report)
     if not deployed.gate_passed:
-        raise QualityGateFailed(f"quality gate failed: {gate['reason']} (artifacts written to {out})")
+        raise QualityGateFailed(f"budget missed: {gate['reason']} (the closest candidate, {chosen.name}, "
+                                f"and its report are written to {out})")
     return deployed
 
 
 def _quality(pruned, dense, export, evaluation: Evaluation, windows: list, quiet: bool):
     """Per evaluation text, one pass: the dense model, the pruned torch model and, where this
-    machine runs it, the shipped artifact in its own runtime. The gate judges the shipped one."""
-    candidates, runtimes = {"torch": pruned}, {}
+    machine runs it, the shipped artifact in its own runtime. The gate judges the shipped one.
+    When no pruning was chosen, the torch row would be the dense model itself: it is left out."""
+    candidates, runtimes = ({} if pruned is dense and export.shipped_onnx is not None else {"torch": pruned}), {}
     if export.shipped_onnx is not None:
         from prunekit.exporters.onnx import OnnxDecoder, onnx_logits
 
@@ -217,8 +258,8 @@ def _quality(pruned, dense, export, evaluation: Evaluation, windows: list, quiet
                                                           if len(candidates) > 1 else ""), quiet)
     measured = [measure_qualities(candidates, w, dense, t.language, t.source, progress=not quiet,
                                   runtimes=runtimes) for t, w in zip(evaluation.texts, windows)]
-    pruned_torch = [m["torch"] for m in measured]
-    return [m.get("shipped", m["torch"]) for m in measured], pruned_torch
+    pruned_torch = [m["torch"] for m in measured if "torch" in m]
+    return [m.get("shipped", m.get("torch")) for m in measured], pruned_torch
 
 
 def prune_to_folder(out: str | Path, method: str, model: str | None = None, sparsity: float | None = None,
@@ -278,7 +319,7 @@ def evaluate(model: str | None, evals: list[str] | None = None, dense: str | Non
 
 
 def export(target: str, model_dir: str | Path, out: str | Path, force: bool = False,
-           int8: bool | None = None, calib: str = "pydoc", quiet: bool = False):
+           precision: str | None = None, calib: str = "pydoc", quiet: bool = False):
     """`prunekit export`: a pruned folder to the target's artifact, with the plan the folder was
     pruned with (its prunekit.json); a folder that cannot serve the target is refused first.
     ``calib`` is the text static INT8 calibrates on."""
@@ -292,7 +333,7 @@ def export(target: str, model_dir: str | Path, out: str | Path, force: bool = Fa
     if not folder.is_dir():
         raise UserInputError(f"--model {model_dir} is not a folder: pass the folder `prunekit prune` wrote")
     profile = load_profile(target)
-    plan: Plan = plan_for_folder(profile, read_manifest(folder), int8)
+    plan: Plan = plan_for_folder(profile, read_manifest(folder), precision)
     for warning in plan.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     calibration = Calibration(calib, 8, 512).check()

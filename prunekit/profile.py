@@ -15,7 +15,15 @@ from pathlib import Path
 from prunekit.errors import UserInputError
 from prunekit.pattern import Pattern
 from prunekit.pruning.registry import METHODS
-PRECISIONS = ("fp32", "fp16", "int8")
+RATE_PRECISIONS = ("fp32", "fp16", "int8")  # the compute rates a device lists
+# What each runtime runs well: float, INT8 weights, 4-bit weights (ONNX Runtime MatMulNBits; Core ML
+# per-block INT4 and 4-bit palettization, both iOS 18); TensorRT: fp16 and INT8 (QDQ).
+RUNTIME_PRECISIONS = {"onnxruntime": ("fp32", "int8", "int4"),
+                      "coreml": ("fp16", "int8", "int4", "palette4"),
+                      "tensorrt": ("fp16", "int8")}
+PRECISIONS = ("fp32", "fp16", "int8", "int4", "palette4")
+OBJECTIVES = ("latency", "size")
+BUDGET_KEYS = ("max_ppl_increase", "max_kl", "max_latency_ms", "max_size_mb")
 RUNTIMES = {"onnxruntime": "onnx", "coreml": "mlpackage", "tensorrt": "onnx+engine"}
 LATENCY_BASES = ("measured", "estimated")
 
@@ -44,6 +52,10 @@ class Profile:
     default_calib_samples: int
     default_calib_seqlen: int
     source: str
+    budget: dict  # the profile's default budget: BUDGET_KEYS -> limit (absent: no limit)
+    objective: str  # what the search minimises within the budget: decode latency or artifact size
+    search_amounts: tuple  # amounts of the default method the search tries (0: no pruning)
+    search_precisions: tuple
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -117,7 +129,7 @@ class _Reader:
         if table is None:
             return None
         sub = _Reader(table, f"{self.where}.{key}", self.source)
-        out = {p: sub.get(p, float, check=lambda v: v > 0, why="must be > 0") for p in PRECISIONS}
+        out = {p: sub.get(p, float, check=lambda v: v > 0, why="must be > 0") for p in RATE_PRECISIONS}
         sub.done()
         return out
 
@@ -132,6 +144,8 @@ def parse_profile(data: dict, source: str) -> Profile:
     runtime = _Reader(top.get("runtime", dict), "runtime", source)
     device = _Reader(top.get("device", dict), "device", source)
     defaults = _Reader(top.get("defaults", dict), "defaults", source)
+    budget = _Reader(top.get("budget", dict, default={}), "budget", source)
+    search = _Reader(top.get("search", dict, default={}), "search", source)
     name = top.get("name", str)
     description = top.get("description", str, default="")
     top.done()
@@ -143,6 +157,9 @@ def parse_profile(data: dict, source: str) -> Profile:
     runtime.done()
 
     positive = dict(check=lambda v: v > 0, why="must be > 0")
+    runs = RUNTIME_PRECISIONS[runtime_name]
+    precision = defaults.get("precision", str, allowed=runs)
+    sparsity = defaults.get("sparsity", float, check=lambda v: 0 <= v < 1, why="must be in [0, 1)")
     sparse = device.get("sparse_tensor_cores", bool)
     profile = Profile(
         name=name,
@@ -162,20 +179,37 @@ def parse_profile(data: dict, source: str) -> Profile:
         default_method=defaults.get("method", str, allowed=METHODS),
         default_pattern=defaults.get("pattern", str, check=_pattern_ok,
                                      why="allowed values: structured, unstructured, N:M (e.g. 2:4)"),
-        default_sparsity=defaults.get("sparsity", float, check=lambda v: 0 <= v < 1,
-                                      why="must be in [0, 1)"),
-        default_precision=defaults.get("precision", str, allowed=PRECISIONS),
+        default_sparsity=sparsity,
+        default_precision=precision,
         default_calib=defaults.get("calib", str, default="self"),
         default_calib_samples=defaults.get("calib_samples", int, default=128, **positive),
         default_calib_seqlen=defaults.get("calib_seqlen", int, default=512, **positive),
         source=source,
+        budget={key: value for key in BUDGET_KEYS
+                if (value := budget.get(key, float, default=None, check=lambda v: v >= 0,
+                                        why="must be >= 0")) is not None},
+        objective=search.get("objective", str, allowed=OBJECTIVES, default="latency"),
+        search_amounts=tuple(sorted(float(a) for a in search.get(
+            "amounts", list, default=[sparsity], check=_amounts_ok,
+            why="must be a list of distinct numbers in [0, 1)"))),
+        search_precisions=tuple(search.get(
+            "precisions", list, default=[precision],
+            check=lambda v: bool(v) and len(set(v)) == len(v) and all(p in runs for p in v),
+            why=f"must be a list of distinct precisions {runtime_name} runs: {', '.join(runs)}")),
     )
     device.done()
     defaults.done()
+    budget.done()
+    search.done()
     if sparse and profile.sparse_peak_tflops is None:
         raise UserInputError(f"profile {source}: key 'device.sparse_peak_tflops' is missing "
                              f"(required when device.sparse_tensor_cores = true)")
     return profile
+
+
+def _amounts_ok(values: list) -> bool:
+    return (bool(values) and len(set(values)) == len(values)
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1 for v in values))
 
 
 def _pattern_ok(value: str) -> bool:

@@ -98,15 +98,15 @@ def markdown(report: dict, plot_name: str) -> str:
                      f"| {q['windows']} x {q['tokens'] // max(q['windows'], 1) + 1} "
                      f"| {_fmt(q['dense_perplexity'])} | {_fmt(q['perplexity'])} | {change} "
                      f"| {_fmt(q['kl'], '.4f')} | {_fmt(q['top1'], '.3f')} |")
+    lines += _search_lines(report.get("search"))
     variants = report.get("variants", [])
     if variants:
         basis = report["latency"]["basis"] if report["latency"] else "n/a"
-        lines += ["", f"## Variants (latency {basis})", "",
-                  "| variant | size MB | prefill ms | decode ms/token | tokens/s |", "|---|---|---|---|---|"]
+        lines += ["", f"## Artifacts built for the shipped candidate (latency {basis})", "",
+                  "| variant | size MB | prefill ms | decode ms/token |", "|---|---|---|---|"]
         for v in variants:
             lines.append(f"| {v['name']} | {_fmt(v.get('bytes') and v['bytes'] / 1e6, '.1f')} "
-                         f"| {_fmt(v.get('prefill_ms'), '.1f')} | {_fmt(v.get('decode_ms'), '.2f')} "
-                         f"| {_fmt(v.get('tokens_per_s'), '.1f')} |")
+                         f"| {_fmt(v.get('prefill_ms'), '.1f')} | {_fmt(v.get('decode_ms'), '.2f')} |")
     lines += ["", "## Artifacts", "", "| file | bytes |", "|---|---|"]
     lines += [f"| {a['path']} | {a['bytes']:,} |" for a in report["artifacts"]]
     resources = report.get("resources") or {}
@@ -115,6 +115,35 @@ def markdown(report: dict, plot_name: str) -> str:
                   f"{_fmt(resources.get('peak_rss_gb'), '.2f')} GB (this process; latency runs in their own).",
               "", f"![quality and size]({plot_name})", ""]
     return "\n".join(lines)
+
+
+def _search_lines(search: dict | None) -> list[str]:
+    """The Pareto table: every candidate, its quality on the selection tokens, latency and size."""
+    if not search:
+        return []
+    selection = search["selection"]
+    limits = ", ".join(f"{k} {v:g} ({search['budget']['sources'].get(k, '?')})"
+                       for k, v in search["budget"].items() if k != "sources" and v is not None)
+    lines = ["", "## Candidates", "", f"Budget: {limits or 'none'}. Judged on {search['selected_on']}.",
+             f"Chosen: {selection['reason']}.", "",
+             "| candidate | status | ppl change | KL | top-1 | decode ms/token | prefill ms | size MB | within budget |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for c in search["candidates"]:
+        mark = " **(shipped)**" if c["name"] == selection["chosen"] else ""
+        basis = {"measured": "", "estimated": " (est.)"}.get(c.get("latency_basis"), "")
+        size_basis = " (computed)" if c.get("size_basis") == "computed" else ""
+        status = c["status"] if c["status"] != "skipped" else f"skipped: {c['why']}"
+        fits = "yes" if c["within_budget"] else ("no: " + "; ".join(c["misses"]) if c["misses"] else "-")
+        lines.append(f"| {c['name']}{mark} | {status} | {_fmt(c['ppl_increase'], '+.1f')}"
+                     f"{'%' if c['ppl_increase'] is not None else ''} | {_fmt(c['kl'], '.4f')} "
+                     f"| {_fmt(c['top1'], '.3f')} | {_fmt(c['decode_ms'], '.2f')}{basis} "
+                     f"| {_fmt(c['prefill_ms'], '.0f')} | {_fmt(c['bytes'] and c['bytes'] / 1e6, '.1f')}{size_basis} "
+                     f"| {fits} |")
+    if search.get("int4_quantizers"):
+        lines += ["", "4-bit quantizers compared on the first amount's selection tokens (least perplexity increase quantizes every "
+                      "amount): " + ", ".join(f"{q['quantizer']} {q['ppl_increase']:+.1f}% KL {q['kl']:.4f}"
+                                             for q in search["int4_quantizers"])]
+    return lines
 
 
 def _plot(report: dict, path: Path) -> None:
@@ -129,22 +158,39 @@ def _plot(report: dict, path: Path) -> None:
     pruned = [q["perplexity"] for q in report["quality"]]
     xs = range(len(names))
     axes[0].bar([x - 0.2 for x in xs], dense, 0.4, label="dense")
-    axes[0].bar([x + 0.2 for x in xs], pruned, 0.4, label="pruned")
+    axes[0].bar([x + 0.2 for x in xs], pruned, 0.4, label="shipped")
     axes[0].set_xticks(list(xs), names)
     axes[0].set_ylabel("perplexity (measured)")
     axes[0].legend()
-    variants = report.get("variants") or []
-    if variants and all(v.get("decode_ms") for v in variants):
-        for v in variants:
-            axes[1].scatter(v["decode_ms"], v["perplexity"] if v.get("perplexity") else 0, s=max(v["bytes"] / 4e6, 10))
-            axes[1].annotate(v["name"], (v["decode_ms"], v.get("perplexity") or 0))
-        axes[1].set_xlabel(f"decode ms/token ({report['latency']['basis']})")
-        axes[1].set_ylabel("perplexity")
+    search = report.get("search") or {}
+    built = [c for c in search.get("candidates", []) if c["status"] == "built" and c["decode_ms"] is not None]
+    if built:
+        _pareto(axes[1], built, search)
     else:
         p = report["parameters"]
         axes[1].bar(["dense", "pruned"], [p["before"] / 1e6, p["after"] / 1e6], color=["C0", "C1"])
         axes[1].set_ylabel("parameters (M)")
-    fig.suptitle(f"{report['target']}: {report['method']} {report['pattern']} {report['sparsity']:g}")
+    fig.suptitle(f"{report['target']}: {report['method']} {report['pattern']} {report['sparsity']:g} "
+                 f"{report['precision']}")
     fig.tight_layout()
     fig.savefig(path, dpi=80, metadata={"Software": None})
     plt.close(fig)
+
+
+def _pareto(ax, built: list[dict], search: dict) -> None:
+    """Quality loss against decode latency, marker area by artifact size, the budget as a line,
+    the shipped candidate ringed."""
+    chosen = search["selection"]["chosen"]
+    largest = max(c["bytes"] or 1 for c in built)
+    for c in built:
+        colour = "C2" if c["within_budget"] else "C3"
+        ax.scatter(c["decode_ms"], c["ppl_increase"], s=20 + 280 * (c["bytes"] or 0) / largest, color=colour,
+                   alpha=0.6, edgecolors="black" if c["name"] == chosen else "none", linewidths=2)
+        ax.annotate(c["name"], (c["decode_ms"], c["ppl_increase"]), fontsize=7)
+    limit = search["budget"].get("max_ppl_increase")
+    if limit is not None:
+        ax.axhline(limit, color="C3", linestyle="--", linewidth=1, label=f"budget +{limit:g}%")
+        ax.legend(fontsize=7)
+    basis = built[0].get("latency_basis") or "measured"
+    ax.set_xlabel(f"decode ms/token ({basis}); marker area = size")
+    ax.set_ylabel("perplexity change % (selection tokens)")

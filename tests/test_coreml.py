@@ -41,6 +41,29 @@ def test_package_spec(packages):
     assert not check_package(fp16, 4, int8=True)["passed"]
 
 
+@pytest.mark.parametrize("precision,ops", [("int4", "quantized_weight_tensors"),
+                                           ("palette4", "palettized_weight_tensors")])
+def test_four_bit_packages_pass_the_package_checks(packages, precision, ops):
+    from prunekit.exporters.coreml import quantize_weights
+    from prunekit.weight_rounding import round_tensor
+
+    model, folder = packages
+    path = folder / f"{precision}.mlpackage"
+    quantize_weights(convert_coreml(model, max_length=64), precision).save(str(path))
+    info = inspect_package(path)
+    assert info[ops] >= 1  # tiny model: int4 needs whole blocks of 32 inputs, palette4 10,000 values
+    assert check_package(info, 4, precision=precision)["passed"]
+    assert not check_package(info, 4, precision="fp16")["passed"]
+    # the torch emulation of the package's weights keeps at most 16 values per tensor (palette) or
+    # 15 levels per block of 32 (int4)
+    weight = model.model.embed_tokens.weight if precision == "palette4" else model.model.layers[0].mlp.down_proj.weight
+    rounded = round_tensor(weight, precision)
+    if precision == "palette4":
+        assert rounded.unique().numel() <= 16
+    else:
+        assert all(block.unique().numel() <= 15 for block in rounded.reshape(-1, 32))
+
+
 def test_reference_check_compares_the_converted_source(packages):
     model, _ = packages
     tokens = torch.randint(3, 300, (24,), generator=torch.Generator().manual_seed(0))

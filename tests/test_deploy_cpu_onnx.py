@@ -29,25 +29,54 @@ def _args(folder, out, *extra):
             "--eval-windows", "2", "--quiet", *extra]
 
 
-def test_deploy_writes_onnx_and_a_valid_report(tiny_folder, tmp_path):
+def test_budgeted_deploy_ships_the_fastest_candidate_within_budget(tiny_folder, tmp_path):
     out = tmp_path / "out"
-    assert deploy_main(_args(tiny_folder, out)) == 0
+    assert deploy_main(_args(tiny_folder, out, "--max-ppl-increase", "50")) == 0
     report = json.loads((out / "report.json").read_text())
     validate_report(report)
-    assert report["export"]["status"] == "written"
-    assert report["export"]["checks"]["pruned_fp32"]["passed"]
-    assert report["export"]["checks"]["pruned_int8"]["kv_cache_io"]
-    assert report["latency"]["basis"] == "measured"
-    names = [v["name"] for v in report["variants"]]
-    assert names == ["dense fp32", "pruned fp32", "pruned int8 (weight-only)"]
-    assert all(v["decode_ms"] > 0 and v["prefill_ms"] > 0 and v["bytes"] > 0 for v in report["variants"])
-    assert report["parameters"]["after"] < report["parameters"]["before"]
-    assert (out / "onnx" / "model.onnx").is_file() and (out / "report.md").is_file()
+    search = report["search"]
+    assert search["budget"]["sources"] == {"max_ppl_increase": "flag --max-ppl-increase"}
+    assert "held-out calibration samples" in search["selected_on"]
+    built = [c for c in search["candidates"] if c["status"] == "built"]
+    assert {(c["amount"], c["precision"]) for c in built} >= {(0.0, "fp32"), (0.0, "int8"), (0.0, "int4")}
+    assert all(c["decode_ms"] > 0 and c["prefill_ms"] > 0 and c["bytes"] > 0 and c["latency_basis"] == "measured"
+               for c in built)
+    fits = [c for c in built if c["within_budget"]]
+    chosen = next(c for c in built if c["name"] == search["selection"]["chosen"])
+    assert chosen["within_budget"] and chosen["decode_ms"] == min(c["decode_ms"] for c in fits)
+    assert (report["sparsity"], report["precision"]) == (chosen["amount"], chosen["precision"])
+    assert {q["quantizer"] for q in search["int4_quantizers"]} == {"rtn-symmetric", "rtn-asymmetric"}
+    # FASP at 0.1 keeps all 96 channels at a multiple of 32: that amount is skipped and says why
+    assert any(c["status"] == "skipped" and "keeps all" in c["why"] for c in search["candidates"])
+    assert report["export"]["status"] == "written" and report["export"]["checks"]["shipped"]["kv_cache_io"]
+    assert report["latency"]["basis"] == "measured" and report["gate"]["status"] == "passed"
+    assert report["quality"][0]["runtime"].startswith("onnxruntime")
+    assert (out / "onnx" / "model.onnx").is_file() and (out / "model" / "prunekit.json").is_file()
     assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
-    assert "measured" in (out / "report.md").read_text()
+    assert "## Candidates" in (out / "report.md").read_text()
     runner = OnnxDecoder(out / "onnx" / "model.onnx")
     assert any(n.startswith("past_key_values.0.") for n in runner.past_names)
     assert not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_no_flags_apply_the_profiles_budget():
+    from prunekit.plan import Budget, make_plan
+    from prunekit.profile import load_profile
+
+    profile = load_profile("cpu-onnx")
+    plan = make_plan(profile, budget=Budget.resolve(profile))
+    assert plan.budget.limits == {"max_ppl_increase": 10.0}
+    assert dict(plan.budget.sources) == {"max_ppl_increase": "profile cpu-onnx"}
+
+
+def test_nothing_within_budget_ships_the_closest_and_exits_3(tiny_folder, tmp_path):
+    out = tmp_path / "closest"
+    assert deploy_main(_args(tiny_folder, out, "--sparsity", "0.5", "--max-latency-ms", "0.001")) == 3
+    report = json.loads((out / "report.json").read_text())
+    assert not report["search"]["selection"]["fits"]
+    assert "no candidate is within budget" in report["search"]["selection"]["reason"]
+    assert report["gate"]["status"] == "failed" and "decode" in report["gate"]["reason"]
+    assert (out / "onnx" / "model.onnx").is_file() and (out / "report.md").is_file()
 
 
 def test_existing_output_and_force(tiny_folder, tmp_path):
@@ -65,11 +94,18 @@ def test_quality_gate_exits_3_and_still_writes(tiny_folder, tmp_path):
     assert deploy_main(_args(tiny_folder, out, "--no-int8", "--max-kl", "0", "--sparsity", "0.5")) == 3
     report = json.loads((out / "report.json").read_text())
     assert report["gate"]["status"] == "failed" and "KL" in report["gate"]["reason"]
+    assert report["search"]["selection"]["reason"].startswith("the fixed plan")
+    assert [c["name"] for c in report["search"]["candidates"]] == ["dense fp32", "pruned 0.5 fp32"]
     assert (out / "onnx" / "model.onnx").is_file()
     with pytest.raises(QualityGateFailed):
         deploy("cpu-onnx", model=str(tiny_folder), out=tmp_path / "g2", calib_samples=4, calib_seqlen=16,
-               evals=[str(tiny_folder.parent / "eval.txt")], eval_seqlen=16, eval_windows=2, int8=False,
+               evals=[str(tiny_folder.parent / "eval.txt")], eval_seqlen=16, eval_windows=2, precision="fp32",
                max_kl=0.0, sparsity=0.5, quiet=True)
+
+
+class _Shipped:
+    def __init__(self, decode_ms):
+        self.decode_ms, self.size_mb = decode_ms, 1.0
 
 
 def test_quality_gate_rules():
@@ -82,6 +118,7 @@ def test_quality_gate_rules():
     assert quality_gate(q, Budget())["status"] == "not set"
     assert quality_gate(q[:1], Budget(25))["status"] == "passed"
     failed = quality_gate(q, Budget(25))
+    assert quality_gate(q[:1], Budget(25, max_latency_ms=5), _Shipped(6.0))["reason"] == "decode 6 ms > 5 ms"
     assert failed["status"] == "failed" and "sw: perplexity +200.0% > 25%" == failed["reason"]
     assert quality_gate(q, Budget(max_kl=0.5))["reason"] == "sw: KL 0.9000 > 0.5"
 
@@ -98,12 +135,12 @@ def test_budget_refuses_values_that_would_switch_the_gate_off(bad):
 
 
 def test_failed_run_leaves_nothing_behind(tiny_folder, tmp_path, monkeypatch):
-    import prunekit.targets
+    import prunekit.targets.cpu_onnx
 
     def broken(*a, **k):
         raise RuntimeError("exporter crashed")
 
-    monkeypatch.setattr(prunekit.targets, "export_for", broken)
+    monkeypatch.setattr(prunekit.targets.cpu_onnx, "export_verified", broken)
     assert deploy_main(_args(tiny_folder, tmp_path / "never")) == 1
     assert not (tmp_path / "never").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".never")]

@@ -20,15 +20,17 @@ def test_deploy_cpu_onnx_on_the_default_model(tmp_path):
     out = tmp_path / "deploy"
     code = deploy_main(["--target", "cpu-onnx", "--out", str(out), "--calib", str(CALIB),
                         "--calib-samples", "8", "--calib-seqlen", "128", "--eval", f"en={EVAL}",
-                        "--eval-seqlen", "256", "--eval-windows", "2", "--quiet"])
+                        "--eval-seqlen", "256", "--eval-windows", "2", "--sparsity", "0.3", "--precision", "int8",
+                        "--quiet"])
     assert code == 0
     report = json.loads((out / "report.json").read_text())
     assert report["model"].startswith("SmolLM2-135M-Instruct")
     assert report["method"] == "fasp" and report["precision"] == "int8"
-    assert report["export"]["checks"]["pruned_fp32"]["passed"]
+    assert report["export"]["checks"]["export 0.3"]["passed"]
     assert report["parameters"]["after"] < 0.85 * report["parameters"]["before"]
-    dense, pruned, int8 = report["variants"]
-    assert int8["bytes"] < 0.5 * dense["bytes"]
+    dense, int8 = report["search"]["candidates"]  # the fixed plan beside the dense fp32 model
+    assert (dense["name"], int8["name"]) == ("dense fp32", "pruned 0.3 int8")
+    assert int8["bytes"] < 0.5 * dense["bytes"] and int8["decode_ms"] > 0
     q = report["quality"][0]
     assert q["language"] == "en" and q["dense_perplexity"] < q["perplexity"] < 20 * q["dense_perplexity"]
     # the saved folder reloads: GQA with 9 query heads over 3 kv heads and narrower value heads

@@ -37,9 +37,9 @@ def test_gpu_overrides():
     assert "only the 2:4 pattern" in make_plan(a100, pattern="4:8").warnings[0]
     fasp = make_plan(a100, method="fasp", sparsity=0.2)
     assert fasp.pattern.structured and fasp.sparsity == 0.2 and fasp.warnings == []
-    assert make_plan(a100, int8=True).precision == "int8"
-    assert make_plan(load_profile("cpu-onnx"), int8=False).precision == "fp32"
-    assert make_plan(load_profile("coreml-iphone13"), int8=False).precision == "fp16"
+    assert make_plan(a100, precision="int8").precision == "int8"
+    assert make_plan(load_profile("cpu-onnx"), precision="fp32").precision == "fp32"
+    assert make_plan(load_profile("coreml-iphone13"), precision="palette4").precision == "palette4"
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -75,7 +75,7 @@ def test_plan_for_folder_follows_the_manifest():
 
     cpu, a100 = load_profile("cpu-onnx"), load_profile("a100-tensorrt-sparse")
     w24 = {"method": "wanda", "pattern": "2:4", "sparsity": 0.5}
-    plan = plan_for_folder(a100, w24, int8=True)
+    plan = plan_for_folder(a100, w24, "int8")
     assert (plan.method, str(plan.pattern), plan.precision) == ("wanda", "2:4", "int8")
     assert "make nothing faster" in plan_for_folder(cpu, w24).warnings[0]
     assert plan_for_folder(cpu, {"method": "fasp", "pattern": "structured", "sparsity": 0.3}).warnings == []

@@ -18,6 +18,8 @@ from prunekit.exporters.decoder import StatefulDecoder, causal_mask
 
 DEPLOYMENT_TARGETS = {"iOS18": 9}  # Core ML spec version; state (KV cache) needs iOS 18
 INT8_WEIGHT_OPS = ("constexpr_blockwise_shift_scale", "constexpr_affine_dequantize")
+PALETTE_OPS = ("constexpr_lut_to_dense",)
+PALETTE_MIN_VALUES = 10_000
 # How far the wrapper's logits may differ from the fp16-cache reference, as fractions of the logits'
 # spread (see reference_check).
 RMS_DIFF_OF_SPREAD, MAX_DIFF_OF_SPREAD = 2e-3, 5e-2
@@ -59,16 +61,37 @@ def convert_coreml(model: torch.nn.Module, max_length: int = 512, deployment_tar
     return mlmodel
 
 
-def quantize_int8(mlmodel):
-    """Per-channel symmetric INT8 weights (coremltools.optimize), FP16 compute."""
+def quantize_weights(mlmodel, precision: str):
+    """Weights compressed by coremltools' own optimizer, compute in fp16: int8 symmetric per output
+    channel; int4 symmetric per block of 32 inputs (iOS 18); palette4, 16 values per tensor found
+    by k-means (iOS 18). fp16 returns the model as it is."""
     _coremltools()  # a clear message if the extra is missing
-    from coremltools.optimize.coreml import OpLinearQuantizerConfig, OptimizationConfig, linear_quantize_weights
+    from coremltools.optimize.coreml import (OpLinearQuantizerConfig, OpPalettizerConfig, OptimizationConfig,
+                                             linear_quantize_weights, palettize_weights)
 
-    config = OptimizationConfig(global_config=OpLinearQuantizerConfig(
-        mode="linear_symmetric", dtype="int8", granularity="per_channel"))
+    if precision == "fp16":
+        return mlmodel
+    if precision == "palette4":
+        # Tensors under 10,000 values stay fp16: coremltools clusters those with scikit-learn rather
+        # than kmeans1d, and they are a negligible part of any model's bytes.
+        config = OptimizationConfig(global_config=OpPalettizerConfig(
+            mode="kmeans", nbits=4, granularity="per_tensor", weight_threshold=PALETTE_MIN_VALUES))
+        optimize = palettize_weights
+    elif precision in ("int8", "int4"):
+        per_block = dict(granularity="per_block", block_size=32) if precision == "int4" else dict(granularity="per_channel")
+        config = OptimizationConfig(global_config=OpLinearQuantizerConfig(
+            mode="linear_symmetric", dtype=precision, **per_block))
+        optimize = linear_quantize_weights
+    else:
+        raise ValueError(f"Core ML precisions are fp16, int8, int4 and palette4, not {precision}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return linear_quantize_weights(mlmodel, config=config)
+        return optimize(mlmodel, config=config)
+
+
+def quantize_int8(mlmodel):
+    """Per-channel symmetric INT8 weights (coremltools.optimize), FP16 compute."""
+    return quantize_weights(mlmodel, "int8")
 
 
 def inspect_package(path: Path) -> dict:
@@ -95,15 +118,24 @@ def inspect_package(path: Path) -> dict:
             "outputs": {f.name: shape(f) for f in spec.description.output},
             "states": {f.name: shape(f) for f in spec.description.state},
             "ops": dict(ops),
-            "int8_weight_tensors": sum(ops[o] for o in INT8_WEIGHT_OPS)}
+            "int8_weight_tensors": sum(ops[o] for o in INT8_WEIGHT_OPS),
+            "quantized_weight_tensors": sum(ops[o] for o in INT8_WEIGHT_OPS),
+            "palettized_weight_tensors": sum(ops[o] for o in PALETTE_OPS)}
 
 
-def check_package(info: dict, expected_states: int, int8: bool, deployment_target: str = "iOS18") -> dict:
+def check_package(info: dict, expected_states: int, int8: bool | None = None, deployment_target: str = "iOS18",
+                  precision: str | None = None) -> dict:
+    """Spec version, I/O names, one state per cache tensor, and weights stored as ``precision``
+    says: quantized (int8, int4) or palettized (palette4) tensors present, none in an fp16 package."""
+    precision = precision or ("int8" if int8 else "fp16")
+    quantized, palettized = info["quantized_weight_tensors"], info["palettized_weight_tensors"]
+    stored = {"fp16": quantized == 0 and palettized == 0, "int8": quantized > 0, "int4": quantized > 0,
+              "palette4": palettized > 0}[precision]
     checks = {
         "deployment_target": info["specification_version"] == DEPLOYMENT_TARGETS[deployment_target],
         "io_names": set(info["inputs"]) == {"input_ids", "causal_mask"} and set(info["outputs"]) == {"logits"},
         "kv_state": len(info["states"]) == expected_states,
-        "int8_weights": (info["int8_weight_tensors"] > 0) if int8 else (info["int8_weight_tensors"] == 0),
+        f"{precision}_weights": stored,
     }
     checks["passed"] = all(checks.values())
     return checks

@@ -1,7 +1,12 @@
-"""Measured latency of an ONNX decoder on this machine's ONNX Runtime, in its own process so that
-peak RSS is the runtime's alone:
+"""Measured latency of ONNX decoders on this machine's ONNX Runtime, in a process of their own:
 
-    python -m prunekit.exporters.latency model.onnx --prompt 128 --decode 32 --repeats 3
+    python -m prunekit.exporters.latency a/model.onnx b/model.onnx --rounds 4
+
+Every artifact's session is opened first, then the rounds go round-robin over them (prefill of a
+random prompt, then greedy decode steps through the KV cache), and each figure is the median over
+rounds. Side by side in one process, a slow spell of the machine touches every variant alike, so
+the ratios between variants hold from run to run; the parent (with torch and its thread pools)
+waits idle meanwhile. The first round only warms up. No torch is imported here.
 """
 
 from __future__ import annotations
@@ -18,68 +23,105 @@ from pathlib import Path
 import numpy as np
 
 
-def measure(path: Path, prompt_tokens: int = 128, decode_tokens: int = 32, repeats: int = 3,
-            threads: int | None = None, seed: int = 0) -> dict:
-    from prunekit.exporters.onnx import OnnxDecoder
+def _one_round(runner, prompt: np.ndarray, decode_tokens: int) -> tuple[float, list[float]]:
+    start = time.perf_counter()
+    logits, past = runner.step(prompt, runner.empty_cache())
+    prefill = time.perf_counter() - start
+    steps = []
+    token = np.array([[int(logits[0, -1].argmax())]])
+    for _ in range(decode_tokens):
+        start = time.perf_counter()
+        logits, past = runner.step(token, past)
+        steps.append(time.perf_counter() - start)
+        token = np.array([[int(logits[0, -1].argmax())]])
+    return prefill, steps
+
+
+def measure_many(paths: list[Path], prompt_tokens: int = 128, decode_tokens: int = 32, rounds: int = 4,
+                 threads: int | None = None, seed: int = 0) -> list[dict]:
+    from prunekit.exporters.ort_session import OnnxDecoder
     from prunekit.threads import usable_cores
 
     threads = threads or usable_cores()
-    runner = OnnxDecoder(path, threads=threads)
-    vocab = runner.session.get_outputs()[0].shape[-1]
+    runners, rss = [], []
+    for path in paths:
+        before = current_rss_gb()
+        runners.append(OnnxDecoder(path, threads=threads))
+        rss.append(current_rss_gb() - before)
+    vocab = runners[0].session.get_outputs()[0].shape[-1]
     prompt = np.random.default_rng(seed).integers(3, vocab, size=(1, prompt_tokens))
-    prefill, decode = [], []
-    for run in range(repeats + 1):  # the first run warms up and is not counted
-        start = time.perf_counter()
-        logits, past = runner.step(prompt, runner.empty_cache())
-        prefill_s = time.perf_counter() - start
-        steps = []
-        token = np.array([[int(logits[0, -1].argmax())]])
-        for _ in range(decode_tokens):
-            start = time.perf_counter()
-            logits, past = runner.step(token, past)
-            steps.append(time.perf_counter() - start)
-            token = np.array([[int(logits[0, -1].argmax())]])
-        if run:
-            prefill.append(prefill_s)
-            decode.extend(steps)
-    decode_ms = 1000 * statistics.median(decode)
-    return {"prefill_ms": 1000 * statistics.median(prefill),
-            "decode_ms": decode_ms, "decode_p90_ms": 1000 * float(np.percentile(decode, 90)),
-            "tokens_per_s": 1000 / decode_ms, "prompt_tokens": prompt_tokens,
-            "decode_tokens": decode_tokens, "repeats": repeats, "threads": threads,
-            "peak_rss_gb": peak_rss_gb()}
+    prefill = [[] for _ in paths]
+    decode = [[] for _ in paths]
+    for round_index in range(rounds + 1):  # round 0 warms every session up and is not counted
+        for i, runner in enumerate(runners):
+            first, steps = _one_round(runner, prompt, decode_tokens)
+            if round_index:
+                prefill[i].append(first)
+                decode[i].append(statistics.median(steps))
+    out = []
+    for i, path in enumerate(paths):
+        decode_ms = 1000 * statistics.median(decode[i])
+        out.append({"prefill_ms": 1000 * statistics.median(prefill[i]), "decode_ms": decode_ms,
+                    "decode_spread": (max(decode[i]) - min(decode[i])) / min(decode[i]),
+                    "tokens_per_s": 1000 / decode_ms, "prompt_tokens": prompt_tokens,
+                    "decode_tokens": decode_tokens, "rounds": rounds, "threads": threads,
+                    "session_rss_gb": round(rss[i], 3)})
+    peak = peak_rss_gb()
+    for row in out:
+        row["process_peak_rss_gb"] = peak
+    return out
+
+
+def measure(path: Path, prompt_tokens: int = 128, decode_tokens: int = 32, repeats: int = 3,
+            threads: int | None = None, seed: int = 0) -> dict:
+    """One artifact (``measure_many`` of one)."""
+    return measure_many([path], prompt_tokens, decode_tokens, repeats, threads, seed)[0]
+
+
+def current_rss_gb() -> float:
+    return _status_kb("VmRSS:") / 1e6
 
 
 def peak_rss_gb() -> float:
     """This process's high-water RSS. Not ru_maxrss: Linux carries that across exec from the parent."""
+    kb = _status_kb("VmHWM:")
+    return kb / 1e6 if kb else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+
+
+def _status_kb(key: str) -> int:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1e6  # kB
+            if line.startswith(key):
+                return int(line.split()[1])
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    return 0
 
 
-def measure_in_subprocess(path: Path, **options) -> dict:
-    args = [sys.executable, "-m", "prunekit.exporters.latency", str(path)]
+def measure_in_subprocess(paths: Path | list[Path], **options) -> dict | list[dict]:
+    """``measure_many`` in a fresh interpreter; one path gives one dict, a list gives a list."""
+    many = isinstance(paths, (list, tuple))
+    args = [sys.executable, "-m", "prunekit.exporters.latency", *map(str, paths if many else [paths])]
     for key, value in options.items():
+        key = "rounds" if key == "repeats" else key
         args += [f"--{key.replace('_', '-')}", str(value)]
     proc = subprocess.run(args, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"latency measurement of {path} failed: {proc.stderr.strip()[-500:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        raise RuntimeError(f"latency measurement of {paths} failed: {proc.stderr.strip()[-500:]}")
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    return rows if many else rows[0]
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", type=Path)
+    parser.add_argument("models", type=Path, nargs="+")
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--decode-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
-    print(json.dumps(measure(args.model, args.prompt_tokens, args.decode_tokens, args.repeats, args.threads)))
+    print(json.dumps(measure_many(args.models, args.prompt_tokens, args.decode_tokens, args.rounds,
+                                  args.threads)))
 
 
 if __name__ == "__main__":

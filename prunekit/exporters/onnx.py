@@ -12,6 +12,7 @@ import torch
 
 from prunekit.errors import MissingExtraError
 from prunekit.exporters.decoder import FlatCacheDecoder, kv_names
+from prunekit.exporters.ort_session import OnnxDecoder  # noqa: F401  (re-exported)
 
 # fp32 ONNX Runtime vs PyTorch on the same tokens: kernels sum in another order, so logits of a
 # 30-layer model differ by ~1e-4; 1e-3 absolute still catches any real change of the math.
@@ -55,43 +56,6 @@ def export_onnx(model: torch.nn.Module, path: Path, fused: bool = True) -> Path:
                           opset_version=FUSED_OPSET if fused else PLAIN_OPSET,
                           dynamo=True, external_data=True, verbose=False)
     return path
-
-
-class OnnxDecoder:
-    """Runs an exported decoder in ONNX Runtime with its KV cache."""
-
-    def __init__(self, path: Path, threads: int | None = None):
-        _require_onnx()
-        import onnxruntime as ort
-
-        from prunekit.threads import usable_cores
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or usable_cores()  # ORT's own default counts the machine's cores
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.inputs = {i.name: i for i in self.session.get_inputs()}
-        self.past_names = [n for n in self.inputs if n.startswith("past_key_values.")]
-        self.present_names = [o.name for o in self.session.get_outputs() if o.name.startswith("present.")]
-
-    def empty_cache(self, batch: int = 1) -> list[np.ndarray]:
-        return [np.zeros((batch, i.shape[1], 0, i.shape[3]), dtype=np.float32)
-                for i in (self.inputs[n] for n in self.past_names)]
-
-    def step(self, ids: np.ndarray, past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        feed = {"input_ids": ids.astype(np.int64), **dict(zip(self.past_names, past))}
-        logits, *present = self.session.run(None, feed)
-        return logits, present
-
-    def greedy(self, prompt: np.ndarray, new_tokens: int) -> list[int]:
-        logits, past = self.step(prompt, self.empty_cache(prompt.shape[0]))
-        tokens = []
-        for _ in range(new_tokens):
-            token = int(logits[0, -1].argmax())
-            tokens.append(token)
-            logits, past = self.step(np.array([[token]]), past)
-        return tokens
 
 
 def onnx_logits(runner: OnnxDecoder):
@@ -165,6 +129,46 @@ def quantize_int8(src: Path, dst: Path, flavour: str = "weight-only", exclude: l
     if flavour == "qdq":
         return quantize_qdq(src, dst, calibration or [])
     raise ValueError(f"unknown INT8 flavour {flavour}: use one of {', '.join(INT8_FLAVOURS)}")
+
+
+# ONNX Runtime's HQQ is left out: its float zero points send MatMulNBits to a general kernel 10x
+# slower than fp32 on the default model (332 ms per token), and rounding them to integers loses
+# more than round-to-nearest (measured: docs/toolchain.md).
+INT4_QUANTIZERS = ("rtn-symmetric", "rtn-asymmetric")
+
+
+def quantize_int4(src: Path, dst: Path, quantizer: str = "rtn-symmetric", block_size: int = 32) -> Path:
+    """4-bit block-wise weights as ONNX Runtime's MatMulNBits (lm_head included): round-to-nearest,
+    symmetric or with a zero point. accuracy_level 4 (int8 activations in the kernel) is
+    what makes the kernel fast on a CPU; it is set on every node."""
+    _require_onnx()
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    if quantizer not in INT4_QUANTIZERS:
+        raise ValueError(f"unknown INT4 quantizer {quantizer}: use one of {', '.join(INT4_QUANTIZERS)}")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    quantizer_ = MatMulNBitsQuantizer(onnx.load(str(src)), bits=4, block_size=block_size,
+                                      is_symmetric=quantizer == "rtn-symmetric", accuracy_level=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantizer_.process()
+    for node in quantizer_.model.model.graph.node:
+        if node.op_type == "MatMulNBits" and not any(a.name == "accuracy_level" for a in node.attribute):
+            node.attribute.append(onnx.helper.make_attribute("accuracy_level", 4))
+    quantizer_.model.save_model_to_file(str(dst), use_external_data_format=True)
+    return dst
+
+
+def quantize_weights(src: Path, dst: Path, precision: str, int4_quantizer: str = "rtn-symmetric",
+                     int8_flavour: str = "weight-only", calibration: list[torch.Tensor] | None = None) -> Path:
+    """The precision a candidate names: int8 (weight-only MatMulNBits unless another flavour is
+    asked for), or int4."""
+    if precision == "int8":
+        return quantize_int8(src, dst, int8_flavour, calibration=calibration)
+    if precision == "int4":
+        return quantize_int4(src, dst, int4_quantizer)
+    raise ValueError(f"ONNX Runtime candidates are fp32, int8 or int4, not {precision}")
 
 
 def quantize_qdq(src: Path, dst: Path, calibration: list[torch.Tensor]) -> Path:

@@ -72,6 +72,19 @@ def _tensorrt(context: ExportContext) -> ExportOutcome:
 BACKENDS: dict[str, Callable] = {"onnxruntime": _cpu_onnx, "coreml": _coreml, "tensorrt": _tensorrt}
 
 
+def candidate_builder(profile: Profile, scratch: Path, probe, quiet: bool = False, int8_flavour: str = "weight-only",
+                      calibration: list | None = None):
+    """The search's back end for the profile's runtime: builds and judges candidates, times or
+    estimates them, and ships the chosen one (see prunekit.search.explore)."""
+    if profile.runtime == "onnxruntime":
+        from prunekit.targets.cpu_onnx import OnnxCandidates
+
+        return OnnxCandidates(scratch, probe, quiet, int8_flavour, calibration)
+    from prunekit.targets.estimated import EstimatedCandidates
+
+    return EstimatedCandidates(profile, BACKENDS[profile.runtime], quiet)
+
+
 def export_for(runtime: str, context: ExportContext) -> ExportOutcome:
     backend = BACKENDS.get(runtime)
     if backend is None:

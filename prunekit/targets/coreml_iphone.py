@@ -1,4 +1,5 @@
-"""coreml-iphone13 back end: .mlpackage (fp16, INT8 weights), inspected on Linux, latency estimated."""
+"""coreml-iphone13 back end: .mlpackage (fp16; INT8, INT4 or 4-bit palettized weights), inspected on
+Linux, latency estimated."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 from prunekit.errors import PrunekitError
 from prunekit.estimate import estimate_latency, model_cost
 from prunekit.exporters.coreml import (check_package, convert_coreml, inspect_package, package_bytes,
-                                       predict_check, quantize_int8, reference_check)
+                                       predict_check, quantize_weights, reference_check)
 from prunekit.progress import say
 from prunekit.targets import ExportContext, ExportOutcome
 
@@ -22,11 +23,11 @@ def _weight_bytes(package: Path) -> int:
 
 def build(context: ExportContext) -> ExportOutcome:
     profile, plan, stage = context.profile, context.plan, Path(context.stage)
-    pruned, dense, probe = context.model, context.dense, context.probe_tokens
+    pruned, probe = context.model, context.probe_tokens
     quiet = context.quiet
     timings, checks, variants = {}, {}, []
-    int8 = plan.precision == "int8"
-    peak = profile.peak_tflops["fp16"]
+    precision = plan.precision
+    peak = profile.peak_tflops["fp16"]  # every precision computes in fp16 (A15: no faster int8 path)
     with tempfile.TemporaryDirectory(prefix="prunekit-coreml-") as scratch:
         scratch = Path(scratch)
         start = time.perf_counter()
@@ -34,40 +35,34 @@ def build(context: ExportContext) -> ExportOutcome:
         if not checks["reference"]["passed"]:
             raise PrunekitError(f"the Core ML export wrapper changes the model's output beyond fp16 rounding "
                                 f"(a prunekit bug, please report): {checks['reference']}")
-        say("converting the pruned model to Core ML (torch.export + coremltools)", quiet)
+        say("converting the model to Core ML (torch.export + coremltools)", quiet)
         fp16 = convert_coreml(pruned, MAX_LENGTH, profile.deployment_target or "iOS18")
         timings["convert_coreml"] = time.perf_counter() - start
-        candidates = []
-        if dense is not None:
-            start = time.perf_counter()
-            say("converting the dense model for size and estimate", quiet)
-            dense_path = scratch / "dense-fp16.mlpackage"
-            convert_coreml(dense, MAX_LENGTH).save(str(dense_path))
-            candidates.append(("dense fp16", dense_path, dense))
-            timings["convert_dense_reference"] = time.perf_counter() - start
-        pruned_fp16 = scratch / "pruned-fp16.mlpackage"
-        fp16.save(str(pruned_fp16))
-        candidates.append(("pruned fp16", pruned_fp16, pruned))
         shipped = stage / "model.mlpackage"
-        if int8:
+        candidates = []
+        if precision != "fp16":
+            fp16_path = scratch / "fp16.mlpackage"
+            fp16.save(str(fp16_path))
+            candidates.append(("fp16", fp16_path))
             start = time.perf_counter()
-            say("quantizing weights to INT8 (coremltools.optimize, per-channel)", quiet)
-            quantize_int8(fp16).save(str(shipped))
+            say(f"compressing weights to {precision} (coremltools.optimize)", quiet)
+            quantize_weights(fp16, precision).save(str(shipped))
             timings["quantize"] = time.perf_counter() - start
-            candidates.append(("pruned int8", shipped, pruned))
         else:
             fp16.save(str(shipped))
+        candidates.append((precision, shipped))
         info = inspect_package(shipped)
-        checks["package"] = {**check_package(info, 2 * pruned.config.num_hidden_layers, int8),
+        checks["package"] = {**check_package(info, 2 * pruned.config.num_hidden_layers, precision=precision),
                              "spec": {k: info[k] for k in ("specification_version", "inputs", "outputs")},
-                             "states": len(info["states"]), "int8_weight_tensors": info["int8_weight_tensors"]}
+                             "states": len(info["states"]), "quantized_weight_tensors": info["quantized_weight_tensors"],
+                             "palettized_weight_tensors": info["palettized_weight_tensors"]}
         if not checks["package"]["passed"]:
             raise PrunekitError(f"the saved Core ML package is not what was asked: {checks['package']}")
         checks["prediction"] = predict_check(shipped, pruned, probe)
-        for name, path, model in candidates:
-            estimate = estimate_latency(model_cost(model), _weight_bytes(path), peak, profile.memory_bandwidth_gbs)
-            variants.append({"name": name, "bytes": package_bytes(path), "weight_bytes": _weight_bytes(path),
-                             **estimate})
+        for name, path in candidates:
+            estimate = estimate_latency(model_cost(pruned), _weight_bytes(path), peak, profile.memory_bandwidth_gbs)
+            variants.append({"name": f"package {name}", "bytes": package_bytes(path),
+                             "weight_bytes": _weight_bytes(path), **estimate})
     latency = {"basis": "estimated", "device": profile.device_name, "peak_tflops_fp16": peak,
                "memory_bandwidth_gbs": profile.memory_bandwidth_gbs, "shipped": variants[-1]["name"],
                "formula": variants[-1]["formula"],

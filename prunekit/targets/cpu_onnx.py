@@ -1,72 +1,143 @@
-"""cpu-onnx back end: export pruned model to ONNX with KV cache, verify, INT8, measure, side by side."""
+"""cpu-onnx back end: every candidate is a real artifact. Each amount's model is exported once
+(verified against torch: logits and greedy tokens through the KV cache), then quantized per
+precision; ONNX Runtime itself computes each candidate's quality on the selection tokens, and one
+process times every artifact side by side. The chosen artifact is copied, not rebuilt."""
 
 from __future__ import annotations
 
 import shutil
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 
-from prunekit.evaluation import measure_quality
+from prunekit.evaluation import measure_qualities
 from prunekit.exporters.latency import measure_in_subprocess
-from prunekit.exporters.onnx import (OnnxDecoder, export_onnx, export_verified, onnx_bytes, onnx_logits,
-                                     quantize_int8)
+from prunekit.exporters.onnx import (INT4_QUANTIZERS, OnnxDecoder, export_verified, onnx_bytes, onnx_logits,
+                                     quantize_int4, quantize_weights)
 from prunekit.progress import say
-from prunekit.targets import ExportContext, ExportOutcome
+from prunekit.search import BUILT, Candidate
+from prunekit.targets import ExportOutcome
 
 
-def build(context: ExportContext) -> ExportOutcome:
-    plan, stage = context.plan, Path(context.stage)
-    pruned, dense = context.model, context.dense
-    windows, probe = context.eval_windows, context.probe_tokens
-    flavour, quiet = context.int8_flavour, context.quiet
-    timings, checks, variants = {}, {}, []
-    with tempfile.TemporaryDirectory(prefix="prunekit-onnx-") as scratch:
-        scratch = Path(scratch)
-        start = time.perf_counter()
-        say("exporting the pruned model to ONNX", quiet)
-        pruned_fp32, checks["pruned_fp32"] = export_verified(pruned, scratch / "pruned-fp32" / "model.onnx", probe)
-        timings["export_onnx"] = time.perf_counter() - start
-        candidates = [("pruned fp32", pruned_fp32)]
-        shipped = pruned_fp32
-        if plan.precision == "int8":
-            start = time.perf_counter()
-            say(f"quantizing to INT8 ({flavour})", quiet)
-            shipped = quantize_int8(pruned_fp32, scratch / "pruned-int8" / "model.onnx", flavour,
-                                    calibration=list(context.calib_tokens[:8]))
-            timings["quantize"] = time.perf_counter() - start
-            runner = OnnxDecoder(shipped)
-            checks["pruned_int8"] = {"kv_cache_io": len(runner.past_names) == len(runner.present_names) > 0,
-                                     "flavour": flavour}
-            candidates.append((f"pruned int8 ({flavour})", shipped))
-        if dense is not None:
-            start = time.perf_counter()
-            say("exporting the dense model for a side-by-side measurement", quiet)
-            candidates.insert(0, ("dense fp32", export_onnx(dense, scratch / "dense-fp32" / "model.onnx")))
-            timings["export_dense_reference"] = time.perf_counter() - start
-        start = time.perf_counter()
-        for name, path in candidates:
-            say(f"measuring {name} with ONNX Runtime", quiet)
-            variant = {"name": name, "bytes": onnx_bytes(path)}
-            if windows is not None and path != shipped:  # the shipped one is measured by deploy
-                variant["perplexity"] = measure_quality(onnx_logits(OnnxDecoder(path)), windows).perplexity
-            variant.update(measure_in_subprocess(path))
-            variants.append(variant)
-        timings["measure"] = time.perf_counter() - start
-        target = stage / "onnx"
-        target.mkdir()
-        for file in shipped.parent.iterdir():
-            shutil.copy2(file, target / file.name)
+def _runtime() -> str:
     import onnxruntime
 
-    base = variants[0]
-    for v in variants:
-        v["decode_speedup_vs_first"] = base["decode_ms"] / v["decode_ms"]
-        v["prefill_speedup_vs_first"] = base["prefill_ms"] / v["prefill_ms"]
-    latency = {"basis": "measured", "runtime": f"onnxruntime {onnxruntime.__version__} CPUExecutionProvider",
-               "threads": variants[0]["threads"], "shipped": variants[-1]["name"],
-               "reference": base["name"], "prompt_tokens": base["prompt_tokens"],
-               "decode_tokens": base["decode_tokens"], "repeats": base["repeats"],
-               "perplexity_text": context.eval_label}
-    return ExportOutcome("written", None, variants, latency, checks, timings,
-                         shipped_onnx=target / "model.onnx", shipped_runtime=latency["runtime"])
+    return f"onnxruntime {onnxruntime.__version__} CPUExecutionProvider"
+
+
+class OnnxCandidates:
+    """Builds, judges and times cpu-onnx candidates in ``scratch``; ships the chosen one."""
+
+    latency_basis = "measured"
+
+    def __init__(self, scratch: Path, probe, quiet: bool = False, int8_flavour: str = "weight-only",
+                 calibration: list | None = None):
+        self.scratch, self.probe, self.quiet = Path(scratch), probe, quiet
+        self.int8_flavour, self.calibration = int8_flavour, calibration  # static INT8 (qdq) calibrates on these
+        self.paths: dict[tuple[float, str], Path] = {}
+        self.checks: dict = {}
+        self.timings: dict[str, float] = defaultdict(float)
+        self.int4_quantizer: str | None = None
+        self.int4_comparison: list[dict] = []
+
+    def build(self, model, amount: float, precisions: tuple[str, ...], windows, dense) -> list[Candidate]:
+        folder = self.scratch / f"amount-{amount:g}"
+        start = time.perf_counter()
+        say(f"exporting the {'dense' if amount == 0 else f'{amount:g}-pruned'} model to ONNX", self.quiet)
+        fp32, self.checks[f"export {amount:g}"] = export_verified(model, folder / "fp32" / "model.onnx", self.probe)
+        self.timings["export_onnx"] += time.perf_counter() - start
+        judged = {}  # precision -> (path, quality) already measured
+        if "int4" in precisions and self.int4_quantizer is None and dense is not None:
+            judged["int4"] = self._choose_int4(fp32, folder, windows, dense)
+        start = time.perf_counter()
+        paths = {}
+        for precision in precisions:
+            if precision in judged:
+                paths[precision] = judged[precision][0]
+            elif precision == "fp32":
+                paths[precision] = fp32
+            else:
+                say(f"quantizing to {precision}", self.quiet)
+                paths[precision] = quantize_weights(fp32, folder / precision / "model.onnx", precision,
+                                                    self.int4_quantizer or INT4_QUANTIZERS[0], self.int8_flavour,
+                                                    self.calibration)
+        self.timings["quantize"] += time.perf_counter() - start
+        to_judge = {p: path for p, path in paths.items() if p not in judged}
+        qualities = self._quality(to_judge, windows, dense) if dense is not None else {}
+        qualities.update({p: quality for p, (_, quality) in judged.items()})
+        out = []
+        for precision, path in paths.items():
+            q = qualities.get(precision)
+            self.paths[(amount, precision)] = path
+            out.append(Candidate(amount, precision, ppl_increase=q and q.increase_pct, kl=q and q.kl,
+                                 top1=q and q.top1, quality_by=q and _runtime(), bytes=onnx_bytes(path),
+                                 size_basis="file"))
+        return out
+
+    def _quality(self, paths: dict, windows, dense) -> dict:
+        start = time.perf_counter()
+        say(f"judging {', '.join(paths)} with ONNX Runtime on the selection tokens", self.quiet)
+        sessions = {name: onnx_logits(OnnxDecoder(path)) for name, path in paths.items()}
+        try:
+            return measure_qualities(sessions, windows, dense)
+        finally:
+            sessions.clear()  # close the sessions: their threads must not share the cores with timing
+            self.timings["judge"] += time.perf_counter() - start
+
+    def _choose_int4(self, fp32: Path, folder: Path, windows, dense) -> tuple:
+        """ONNX Runtime's 4-bit quantizers, compared on the first amount's selection tokens; the
+        one with the least perplexity increase (what the budget judges) quantizes every amount."""
+        start = time.perf_counter()
+        say(f"comparing 4-bit quantizers ({', '.join(INT4_QUANTIZERS)})", self.quiet)
+        paths = {q: quantize_int4(fp32, folder / f"int4-{q}" / "model.onnx", q) for q in INT4_QUANTIZERS}
+        self.timings["quantize"] += time.perf_counter() - start
+        qualities = self._quality(paths, windows, dense)
+        self.int4_comparison = [{"quantizer": q, "ppl_increase": qualities[q].increase_pct, "kl": qualities[q].kl,
+                                 "top1": qualities[q].top1} for q in paths]
+        self.int4_quantizer = min(paths, key=lambda q: qualities[q].increase_pct)
+        for quantizer, path in paths.items():
+            if quantizer != self.int4_quantizer:
+                shutil.rmtree(path.parent)
+        return paths[self.int4_quantizer], qualities[self.int4_quantizer]
+
+    def measure(self, candidates: list[Candidate]) -> None:
+        """Every built candidate timed in one process, round-robin (see prunekit.exporters.latency)."""
+        built = [c for c in candidates if c.status == BUILT]
+        start = time.perf_counter()
+        say(f"timing {len(built)} artifacts side by side with ONNX Runtime", self.quiet)
+        rows = measure_in_subprocess([self.paths[(c.amount, c.precision)] for c in built])
+        for candidate, row in zip(built, rows):
+            candidate.decode_ms, candidate.prefill_ms = row["decode_ms"], row["prefill_ms"]
+            candidate.latency_basis = self.latency_basis
+            candidate.extra["latency"] = row
+        self.timings["measure"] += time.perf_counter() - start
+
+    def ship(self, chosen: Candidate, stage: Path, model=None) -> ExportOutcome:
+        source = self.paths[(chosen.amount, chosen.precision)]
+        target = Path(stage) / "onnx"
+        target.mkdir()
+        for file in source.parent.iterdir():
+            shutil.copy2(file, target / file.name)
+        runner = OnnxDecoder(target / "model.onnx")
+        self.checks["shipped"] = {"kv_cache_io": len(runner.past_names) == len(runner.present_names) > 0,
+                                  "verified_export": self.checks[f"export {chosen.amount:g}"]["passed"],
+                                  "int4_quantizer": self.int4_quantizer if chosen.precision == "int4" else None}
+        del runner
+        latency = {"basis": "measured", "runtime": _runtime(), "shipped": chosen.name,
+                   **{k: chosen.extra["latency"][k] for k in ("threads", "prompt_tokens", "decode_tokens", "rounds")}}
+        return ExportOutcome("written", None, [], latency, self.checks, dict(self.timings),
+                             shipped_onnx=target / "model.onnx", shipped_runtime=_runtime())
+
+
+def build(context) -> ExportOutcome:
+    """`prunekit export`: the folder's model at the plan's precision, verified, timed and written
+    (no quality: export has no dense model to compare with)."""
+    with tempfile.TemporaryDirectory(prefix="prunekit-onnx-") as scratch:
+        builder = OnnxCandidates(Path(scratch), context.probe_tokens, context.quiet, context.int8_flavour,
+                                 list(context.calib_tokens[:8]))
+        (candidate,) = builder.build(context.model, context.plan.sparsity, (context.plan.precision,), None, None)
+        builder.measure([candidate])
+        outcome = builder.ship(candidate, context.stage)
+    outcome.variants = [candidate.as_dict()]
+    return outcome

@@ -1,0 +1,123 @@
+"""What a CPU user would pick instead: llama.cpp (llama-cpp-python) running the default model's own
+GGUF, beside prunekit's ONNX artifacts, timed in the same process, round-robin, same threads.
+
+    pip install -c constraints.txt -e '.[bench]'     # llama-cpp-python (compiles llama.cpp, minutes)
+    python bench/llamacpp.py --deployed prunekit-out/cpu-onnx [--rounds 5] [--ppl-windows 40]
+
+Rows: llama.cpp on the GGUF (Q4_1, the file prunekit dequantizes to fp32 as its dense reference),
+prunekit's dense fp32 and dense INT8 (exported here), and the artifact a deploy shipped
+(``--deployed``: its onnx/). Each row: prefill of a 128-token prompt, decode ms per token (median
+over rounds of the median step), and perplexity on the protocol's WikiText-2 windows with its
+change against the dense fp32 model in torch, all computed here. Run it alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from prunekit.evaluation import eval_windows, measure_qualities
+from prunekit.exporters.latency import _one_round, peak_rss_gb
+from prunekit.exporters.onnx import OnnxDecoder, export_onnx, onnx_bytes, onnx_logits, quantize_int8
+from prunekit.models import default_gguf_path, load_model
+from prunekit.threads import usable_cores, use_usable_cores
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from protocol import EVAL_FILE, EVAL_SEQLEN  # noqa: E402
+
+
+class LlamaCppDecoder:
+    """llama.cpp behind the same step() and empty_cache() as OnnxDecoder: the cache is llama.cpp's
+    own, so ``past`` only carries the position."""
+
+    def __init__(self, gguf: Path, threads: int, context: int = 2048):
+        from llama_cpp import Llama
+
+        self.llm = Llama(model_path=str(gguf), n_ctx=context, n_threads=threads, n_threads_batch=threads,
+                         n_batch=context, logits_all=True, verbose=False)
+
+    def empty_cache(self, batch: int = 1):
+        self.llm.reset()
+        return 0
+
+    def step(self, ids: np.ndarray, past: int):
+        tokens = [int(t) for t in ids[0]]
+        self.llm.eval(tokens)
+        scores = np.asarray(self.llm.scores[past:past + len(tokens)])
+        return scores[None], past + len(tokens)
+
+    def logits(self, window: torch.Tensor) -> torch.Tensor:
+        out, _ = self.step(window.numpy()[None], self.empty_cache())
+        return torch.from_numpy(out[0, :-1]).float()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--deployed", type=Path, required=True, help="a deploy --target cpu-onnx output folder")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--ppl-windows", type=int, default=40)
+    parser.add_argument("--out", type=Path, default=Path("docs/results/llamacpp.json"))
+    args = parser.parse_args()
+    use_usable_cores()
+    threads = usable_cores()
+    began = time.perf_counter()
+    dense = load_model(None)
+    windows = eval_windows(dense.tokenizer, EVAL_FILE.read_text(encoding="utf-8"), EVAL_SEQLEN, args.ppl_windows)
+    report = json.loads((args.deployed / "report.json").read_text())
+    gguf = default_gguf_path()
+    with tempfile.TemporaryDirectory() as scratch:
+        fp32 = export_onnx(dense.model, Path(scratch) / "fp32" / "model.onnx")
+        paths = {"prunekit dense fp32": fp32,
+                 "prunekit dense int8": quantize_int8(fp32, Path(scratch) / "int8" / "model.onnx"),
+                 f"prunekit shipped ({report['search']['selection']['chosen']})": args.deployed / "onnx" / "model.onnx"}
+        runners = {f"llama.cpp {gguf.name}": LlamaCppDecoder(gguf, threads)}
+        runners.update({name: OnnxDecoder(path, threads=threads) for name, path in paths.items()})
+        sizes = {name: onnx_bytes(path) for name, path in paths.items()}
+        sizes[f"llama.cpp {gguf.name}"] = gguf.stat().st_size
+
+        print("perplexity of every row on the protocol's WikiText-2 windows", file=sys.stderr, flush=True)
+        fns = {name: (r.logits if isinstance(r, LlamaCppDecoder) else onnx_logits(r)) for name, r in runners.items()}
+        quality = measure_qualities(fns, windows, dense.model, "wikitext2", str(EVAL_FILE), progress=True)
+
+        vocab = dense.model.config.vocab_size
+        prompt = np.random.default_rng(0).integers(3, vocab, size=(1, 128))
+        prefill = {name: [] for name in runners}
+        decode = {name: [] for name in runners}
+        for round_index in range(args.rounds + 1):  # round 0 warms up
+            print(f"timing round {round_index}/{args.rounds}", file=sys.stderr, flush=True)
+            for name, runner in runners.items():
+                first, steps = _one_round(runner, prompt, 32)
+                if round_index:
+                    prefill[name].append(first)
+                    decode[name].append(statistics.median(steps))
+    rows = []
+    for name in runners:
+        q = quality[name]
+        rows.append({"name": name, "bytes": sizes[name], "prefill_ms": 1000 * statistics.median(prefill[name]),
+                     "decode_ms": 1000 * statistics.median(decode[name]),
+                     "decode_ms_rounds": [round(1000 * d, 3) for d in decode[name]],
+                     "wikitext2_ppl": q.perplexity, "dense_torch_ppl": q.dense_perplexity,
+                     "ppl_change_pct": q.increase_pct, "kl": q.kl, "top1": q.top1})
+    result = {"threads": threads, "prompt_tokens": 128, "decode_tokens": 32, "rounds": args.rounds,
+              "windows": f"{len(windows)} x {EVAL_SEQLEN} tokens of {EVAL_FILE.name}",
+              "wall_seconds": round(time.perf_counter() - began, 1), "peak_rss_gb": round(peak_rss_gb(), 3),
+              "deployed": str(args.deployed), "rows": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print("| row | size MB | prefill 128 ms | decode ms/token | WikiText-2 ppl | change vs dense |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['name']} | {r['bytes'] / 1e6:.0f} | {r['prefill_ms']:.0f} | {r['decode_ms']:.2f} "
+              f"| {r['wikitext2_ppl']:.2f} | {r['ppl_change_pct']:+.1f}% |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""The budgeted search's bookkeeping: one record per candidate (amount x precision) and the choice.
+
+Candidates are judged on held-out calibration tokens (never the evaluation text, so the report's
+evaluation stays a test of the choice). The choice is a plain function of the records: among the
+candidates within budget, the one with the least of the objective (decode latency, or artifact
+size) wins, the other as tie-break; with none within budget, the one that overshoots least ships,
+and deploy exits 3.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from prunekit.plan import Budget
+
+BUILT, SKIPPED = "built", "skipped"
+
+
+@dataclass
+class Candidate:
+    amount: float
+    precision: str
+    status: str = BUILT  # built (artifact made and measured) or skipped (with ``why``)
+    ppl_increase: float | None = None  # percent, on the selection tokens
+    kl: float | None = None
+    top1: float | None = None
+    quality_by: str | None = None  # what computed the selection logits (a runtime, or torch)
+    decode_ms: float | None = None
+    prefill_ms: float | None = None
+    latency_basis: str | None = None  # measured | estimated
+    bytes: int | None = None
+    size_basis: str | None = None  # file (the artifact's bytes) | computed (from shapes and bits)
+    why: str | None = None
+    misses: list[str] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"{'dense' if self.amount == 0 else f'pruned {self.amount:g}'} {self.precision}"
+
+    @property
+    def size_mb(self) -> float | None:
+        return None if self.bytes is None else self.bytes / 1e6
+
+    def judge(self, budget: Budget) -> "Candidate":
+        self.misses = budget.misses(self.ppl_increase, self.kl, self.decode_ms, self.size_mb)
+        return self
+
+    @property
+    def within_budget(self) -> bool:
+        return self.status == BUILT and not self.misses
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, **asdict(self), "within_budget": self.within_budget}
+
+
+@dataclass
+class Selection:
+    chosen: Candidate
+    runner_up: Candidate | None
+    fits: bool  # False: nothing was within budget and ``chosen`` is the closest
+    reason: str
+
+    def as_dict(self) -> dict:
+        return {"chosen": self.chosen.name, "runner_up": self.runner_up and self.runner_up.name,
+                "fits": self.fits, "reason": self.reason}
+
+
+def _objective_key(objective: str):
+    def key(c: Candidate):
+        latency = c.decode_ms if c.decode_ms is not None else float("inf")
+        size = c.bytes if c.bytes is not None else float("inf")
+        return (latency, size) if objective == "latency" else (size, latency)
+    return key
+
+
+def select(candidates: list[Candidate], budget: Budget, objective: str) -> Selection:
+    """The fastest (objective ``latency``) or smallest (``size``) built candidate within budget;
+    the runner-up is the next by the same order. With none within budget, the built candidate
+    whose limits are broken least (summed relative excess) ships, and ``fits`` is False."""
+    built = [c.judge(budget) for c in candidates if c.status == BUILT]
+    if not built:
+        raise ValueError("no candidate was built")
+    key = _objective_key(objective)
+    measure = "decode latency" if objective == "latency" else "size"
+    fits = sorted((c for c in built if c.within_budget), key=key)
+    if fits:
+        chosen, runner_up = fits[0], (fits[1] if len(fits) > 1 else None)
+        reason = (f"{chosen.name}: the least {measure} of the {len(fits)} candidates within budget"
+                  + (f"; runner-up {runner_up.name}" + _versus(chosen, runner_up, objective) if runner_up else ""))
+        return Selection(chosen, runner_up, True, reason)
+
+    def overshoot(c: Candidate):
+        return budget.overshoot(c.ppl_increase, c.kl, c.decode_ms, c.size_mb)
+
+    ranked = sorted(built, key=lambda c: (overshoot(c), key(c)))
+    chosen = ranked[0]
+    runner_up = ranked[1] if len(ranked) > 1 else None
+    reason = (f"no candidate is within budget; the closest, {chosen.name}, misses it: "
+              f"{'; '.join(chosen.misses)}")
+    return Selection(chosen, runner_up, False, reason)
+
+
+def _versus(chosen: Candidate, other: Candidate, objective: str) -> str:
+    if objective == "latency" and chosen.decode_ms and other.decode_ms:
+        return f" ({other.decode_ms:.2f} vs {chosen.decode_ms:.2f} ms/token)"
+    if objective == "size" and chosen.bytes and other.bytes:
+        return f" ({other.bytes / 1e6:.1f} vs {chosen.bytes / 1e6:.1f} MB)"
+    return ""
+
+
+def selection_split(calib_ids, fraction: float = 0.125, minimum: int = 2):
+    """(fit, selection): the last samples of the calibration tokens are held out for choosing among
+    candidates and never pruned or quantized on; at least ``minimum`` of them, at most half."""
+    total = calib_ids.shape[0]
+    if total < 2:
+        return calib_ids, calib_ids[:0]
+    held = min(max(minimum, round(total * fraction)), total // 2)
+    return calib_ids[: total - held], calib_ids[total - held:]
+
+
+@dataclass
+class Exploration:
+    candidates: list[Candidate]
+    pruned: dict  # amount -> PruneResult of that amount (amount 0: None, the dense model ships)
+    screen: list[dict] = field(default_factory=list)  # torch quality of each pruned amount, before building
+    seconds: dict = field(default_factory=dict)
+
+
+def explore(loaded, dense, plan, grid: list[tuple[float, tuple[str, ...]]], fit_ids, selection_ids, builder,
+            calib_source: str, screen: bool = True, progress: bool = True) -> Exploration:
+    """Build and judge every (amount, precision) of ``grid`` in increasing amount. Each amount is
+    pruned once from the dense model on ``fit_ids``; with ``screen``, an amount whose pruned float
+    model already breaks the quality budget on the selection tokens is not built (quantizing only
+    adds loss), nor is any larger one (pruning more only loses more)."""
+    import copy
+    import time
+
+    from prunekit.errors import UserInputError
+    from prunekit.evaluation import measure_quality
+    from prunekit.models import LoadedModel
+    from prunekit.progress import say
+    from prunekit.pruning.run import prune
+
+    out = Exploration([], {}, seconds={"prune": 0.0, "screen": 0.0, "build": 0.0})
+    stop_why = None
+    for amount, precisions in grid:
+        if stop_why is not None:
+            out.candidates += [Candidate(amount, p, status=SKIPPED, why=stop_why) for p in precisions]
+            continue
+        model, result = dense, None
+        if amount > 0:
+            start = time.perf_counter()
+            say(f"pruning {plan.method} {plan.pattern} at {amount:g} on {fit_ids.shape[0]} calibration samples",
+                not progress)
+            try:
+                result = prune(LoadedModel(copy.deepcopy(dense), loaded.tokenizer, loaded.source), plan.method,
+                               amount, plan.pattern, calib=calib_source, calib_ids=fit_ids,
+                               progress=progress, **plan.pruner_options())
+            except UserInputError as exc:
+                out.candidates += [Candidate(amount, p, status=SKIPPED, why=str(exc)) for p in precisions]
+                continue
+            finally:
+                out.seconds["prune"] += time.perf_counter() - start
+            model = result.model
+            if screen:
+                start = time.perf_counter()
+                q = measure_quality(model, selection_ids, dense)
+                out.seconds["screen"] += time.perf_counter() - start
+                misses = plan.budget.misses(ppl_increase=q.increase_pct, kl=q.kl)
+                out.screen.append({"amount": amount, "ppl_increase": q.increase_pct, "kl": q.kl, "top1": q.top1,
+                                   "misses": misses})
+                if misses:
+                    stop_why = (f"the float model pruned at {amount:g} already misses the quality budget on "
+                                f"the selection tokens ({'; '.join(misses)})")
+                    out.candidates += [Candidate(amount, p, status=SKIPPED, why=stop_why) for p in precisions]
+                    continue
+        start = time.perf_counter()
+        out.candidates += builder.build(model, amount, precisions, selection_ids, dense)
+        out.seconds["build"] += time.perf_counter() - start
+        out.pruned[amount] = result
+    return out
+

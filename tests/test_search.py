@@ -1,0 +1,104 @@
+"""The budgeted plan: budgets and where they come from, the search space, the choice."""
+
+import pytest
+
+from prunekit.errors import UserInputError
+from prunekit.plan import Budget, make_plan
+from prunekit.profile import load_profile, parse_profile
+from prunekit.search import SKIPPED, Candidate, select, selection_split
+
+
+def _c(amount, precision, ppl, ms, mb, status="built"):
+    return Candidate(amount, precision, status=status, ppl_increase=ppl, kl=ppl / 100, decode_ms=ms,
+                     bytes=int(mb * 1e6))
+
+
+GRID = [_c(0, "fp32", 0.0, 30, 540), _c(0, "int8", 1.0, 20, 270), _c(0, "int4", 9.0, 14, 150),
+        _c(0.1, "int8", 6.0, 18, 240), _c(0.1, "int4", 15.0, 12, 130), _c(0.2, "int8", 0, 0, 0, SKIPPED)]
+
+
+def test_fastest_within_budget_wins_and_the_runner_up_is_named():
+    choice = select(GRID, Budget(max_ppl_increase=10), "latency")
+    assert choice.fits and choice.chosen.name == "dense int4" and choice.runner_up.name == "pruned 0.1 int8"
+    assert "runner-up pruned 0.1 int8" in choice.reason
+    assert not [c for c in GRID if c.status == SKIPPED][0].within_budget
+
+
+def test_smallest_within_budget_wins_for_size():
+    assert select(GRID, Budget(max_ppl_increase=10), "size").chosen.name == "dense int4"
+    assert select(GRID, Budget(max_ppl_increase=5), "size").chosen.name == "dense int8"
+    assert select(GRID, Budget(max_ppl_increase=20, max_size_mb=140), "size").chosen.name == "pruned 0.1 int4"
+
+
+def test_latency_and_size_limits_narrow_the_choice():
+    choice = select(GRID, Budget(max_ppl_increase=10, max_latency_ms=19), "size")
+    assert choice.chosen.name == "dense int4"
+    choice = select(GRID, Budget(max_ppl_increase=2, max_latency_ms=25), "latency")
+    assert choice.chosen.name == "dense int8"
+
+
+def test_nothing_fits_ships_the_closest_and_says_what_it_missed():
+    choice = select(GRID, Budget(max_ppl_increase=0.5, max_latency_ms=15), "latency")
+    assert not choice.fits
+    # overshoot: fp32 1.0 (latency 30 vs 15), int8 1.33 (ppl 1 vs 0.5, latency 20 vs 15), int4 17 (ppl 9 vs 0.5)
+    assert choice.chosen.name == "dense fp32"
+    choice = select(GRID, Budget(max_latency_ms=10), "latency")
+    assert not choice.fits and choice.chosen.name == "pruned 0.1 int4"
+    assert "misses it: decode 12 ms > 10 ms" in choice.reason
+
+
+def test_budget_from_flags_and_profile():
+    cpu = load_profile("cpu-onnx")
+    budget = Budget.resolve(cpu, max_kl=0.1)
+    assert budget.limits == {"max_ppl_increase": 10.0, "max_kl": 0.1}
+    assert dict(budget.sources) == {"max_ppl_increase": "profile cpu-onnx", "max_kl": "flag --max-kl"}
+    assert Budget.resolve(cpu, max_ppl_increase=3).max_ppl_increase == 3
+    phone = Budget.resolve(load_profile("coreml-iphone13"))
+    assert phone.max_size_mb == 1000 and dict(phone.sources)["max_size_mb"] == "profile coreml-iphone13"
+    assert Budget().misses(ppl_increase=50) == []
+    assert Budget(max_latency_ms=5).misses(latency_ms=6) == ["decode 6 ms > 5 ms"]
+    with pytest.raises(UserInputError, match="--max-size-mb"):
+        Budget(max_size_mb=float("nan"))
+
+
+def test_search_space_follows_what_the_user_left_open():
+    cpu = load_profile("cpu-onnx")
+    plan = make_plan(cpu)
+    assert plan.search.amounts == (0.0, 0.1, 0.2, 0.3) and plan.search.precisions == ("fp32", "int8", "int4")
+    assert plan.search.objective == "latency" and plan.search.size == 12
+    assert make_plan(cpu, sparsity=0.2).search.amounts == (0.2,)
+    assert make_plan(cpu, precision="int4").search.precisions == ("int4",)
+    assert make_plan(cpu, sparsity=0.2, precision="int4").search is None
+    assert make_plan(load_profile("coreml-iphone13")).search.objective == "size"
+    trt = make_plan(load_profile("a100-tensorrt-sparse"))
+    assert trt.search.amounts == (0.0, 0.5) and trt.search.precisions == ("fp16", "int8")
+    with pytest.raises(UserInputError, match="does not run on cpu-onnx"):
+        make_plan(cpu, precision="palette4")
+
+
+def test_profile_budget_and_search_tables_are_validated():
+    base = {"name": "x", "runtime": {"name": "onnxruntime", "artifact": "onnx", "latency_basis": "measured"},
+            "device": {"name": "d", "sparse_tensor_cores": False,
+                       "peak_tflops": {"fp32": 1.0, "fp16": 1.0, "int8": 1.0}, "memory_bandwidth_gbs": 1.0,
+                       "memory_gb": 1.0, "preferred_channel_multiple": 8},
+            "defaults": {"method": "fasp", "pattern": "structured", "sparsity": 0.2, "precision": "int8"}}
+    profile = parse_profile(base, "test")
+    assert profile.search_amounts == (0.2,) and profile.search_precisions == ("int8",) and profile.budget == {}
+    for table, bad, word in (("search", {"precisions": ["palette4"]}, "precisions"),
+                             ("search", {"amounts": [0.1, 1.5]}, "amounts"),
+                             ("search", {"objective": "speed"}, "objective"),
+                             ("budget", {"max_ppl_increase": -1}, "max_ppl_increase"),
+                             ("budget", {"max_speed": 1}, "max_speed")):
+        with pytest.raises(UserInputError, match=word):
+            parse_profile({**base, table: bad}, "test")
+
+
+def test_selection_tokens_are_held_out_of_the_fit_tokens():
+    import torch
+
+    ids = torch.arange(64 * 4).reshape(64, 4)
+    fit, held = selection_split(ids)
+    assert fit.shape[0] == 56 and held.shape[0] == 8
+    assert not set(fit.flatten().tolist()) & set(held.flatten().tolist())
+    fit, held = selection_split(ids[:4])
+    assert fit.shape[0] == 2 and held.shape[0] == 2
