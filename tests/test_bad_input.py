@@ -203,14 +203,13 @@ def test_help_does_not_import_torch():  # 12
 SLOW_EXPORT = """
 import signal, sys, time, tempfile, pathlib
 signal.signal(signal.SIGINT, signal.default_int_handler)  # as from a terminal: a background job starts with SIGINT ignored
-import prunekit.targets
-def slow(runtime, context):
-    with tempfile.TemporaryDirectory(prefix="prunekit-onnx-") as scratch:  # as the back ends make theirs
-        (pathlib.Path(scratch) / "model.onnx.data").write_bytes(b"x" * 1000)
-        (context.stage / "partial.bin").write_bytes(b"x" * 1000)
-        pathlib.Path(sys.argv[1]).write_text("ready")
-        time.sleep(60)
-prunekit.targets.export_for = slow
+import prunekit.targets.cpu_onnx
+def slow(model, path, probe, fused=True):  # the first export of the search, inside its scratch folder
+    path.parent.mkdir(parents=True, exist_ok=True)
+    (path.parent / "model.onnx.data").write_bytes(b"x" * 1000)
+    pathlib.Path(sys.argv[1]).write_text("ready")
+    time.sleep(60)
+prunekit.targets.cpu_onnx.export_verified = slow
 from prunekit.cli import deploy_main
 sys.exit(deploy_main(sys.argv[2:]))
 """
@@ -222,7 +221,7 @@ def test_signal_leaves_nothing_behind(tiny_folder, tmp_path, signum, code):  # 2
     tmp.mkdir()
     ready, out = tmp_path / "ready", tmp_path / "out"
     argv = ["--target", "cpu-onnx", "--model", str(tiny_folder), "--out", str(out), "--calib",
-            str(tmp_path / "text.txt"), "--calib-samples", "2", "--calib-seqlen", "16", "--eval",
+            str(tmp_path / "text.txt"), "--calib-samples", "4", "--calib-seqlen", "16", "--eval",
             str(tmp_path / "text.txt"), "--eval-seqlen", "16", "--eval-windows", "1", "--quiet"]
     proc = subprocess.Popen([sys.executable, "-c", SLOW_EXPORT, str(ready), *argv], stderr=subprocess.PIPE,
                             text=True, env={**os.environ, "TMPDIR": str(tmp)})
