@@ -12,6 +12,10 @@ from dataclasses import asdict, dataclass
 from prunekit.arch import architecture_for, attention_shape, decoder_layers
 
 
+# A 2:4 GEMM weight is stored compressed: half the values plus 2-bit indices per kept value.
+TWO_FOUR_STORED_FRACTION = 0.5 + 0.0625
+
+
 @dataclass
 class ModelCost:
     """Per-token work of a decoder: linear FLOPs, attention FLOPs per cached token, KV bytes."""

@@ -72,12 +72,6 @@ def measure_many(paths: list[Path], prompt_tokens: int = 128, decode_tokens: int
     return out
 
 
-def measure(path: Path, prompt_tokens: int = 128, decode_tokens: int = 32, repeats: int = 3,
-            threads: int | None = None, seed: int = 0) -> dict:
-    """One artifact (``measure_many`` of one)."""
-    return measure_many([path], prompt_tokens, decode_tokens, repeats, threads, seed)[0]
-
-
 def current_rss_gb() -> float:
     return _status_kb("VmRSS:") / 1e6
 

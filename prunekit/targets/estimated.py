@@ -13,7 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Callable
 
-from prunekit.estimate import estimate_latency, model_cost
+from prunekit.estimate import TWO_FOUR_STORED_FRACTION, estimate_latency, model_cost
 from prunekit.evaluation import measure_quality
 from prunekit.progress import say
 from prunekit.search import Candidate
@@ -39,13 +39,12 @@ class EstimatedCandidates:
     def _bytes(self, model, amount: float, precision: str) -> int:
         stored = stored_bytes(model, precision)
         if amount > 0 and self.profile.sparse_tensor_cores:
-            # 2:4 GEMM weights are stored compressed: half the values plus 2-bit indices per kept value
             from prunekit.arch import block_linears, decoder_layers
 
             bits = 8 if precision == "int8" else 16
             gemm = sum(lin.weight.numel() for layer in decoder_layers(model)
                        for lin in block_linears(model, layer).values())
-            stored -= int(gemm * bits / 8 * (1 - 0.5 - 0.0625))
+            stored -= int(gemm * bits / 8 * (1 - TWO_FOUR_STORED_FRACTION))
         return stored
 
     def build(self, model, amount: float, precisions: tuple[str, ...], windows, dense) -> list[Candidate]:

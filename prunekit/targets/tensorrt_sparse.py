@@ -11,7 +11,7 @@ from pathlib import Path
 
 from prunekit.arch import block_linears, decoder_layers
 from prunekit.errors import PrunekitError
-from prunekit.estimate import estimate_latency, model_cost
+from prunekit.estimate import TWO_FOUR_STORED_FRACTION, estimate_latency, model_cost
 from prunekit.exporters.onnx import OnnxDecoder, export_verified, quantize_int8
 from prunekit.exporters.onnx_sparsity import gemm_weights, nm_report
 from prunekit.exporters.tensorrt import build_engine, tensorrt_available, write_build_script
@@ -74,7 +74,7 @@ def build(context: ExportContext) -> ExportOutcome:
     # embeddings, lm_head and norms stay dense.
     sparse_params = sum(lin.weight.numel() for layer in decoder_layers(pruned)
                         for lin in block_linears(pruned, layer).values()) if two_four else 0
-    stored = weight_bytes_per_value * ((params - sparse_params) + sparse_params * (0.5 + 0.0625))
+    stored = weight_bytes_per_value * ((params - sparse_params) + sparse_params * TWO_FOUR_STORED_FRACTION)
     if dense is not None:
         dense_cost, dense_bytes = model_cost(dense), sum(p.numel() for p in dense.parameters()) * weight_bytes_per_value
     variants = []
