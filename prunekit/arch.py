@@ -26,6 +26,10 @@ class Architecture:
     gate: str = "gate_proj"
     up: str = "up_proj"
     down: str = "down_proj"
+    input_norm: str = "input_layernorm"  # the RMSNorm before attention (inside a block)
+    mlp_norm: str = "post_attention_layernorm"  # the RMSNorm before the MLP (inside a block)
+    final_norm: str = "model.norm"
+    head: str = "lm_head"
 
     def linear_names(self) -> list[str]:
         """Pruned linear layers of one block, in the order they run."""

@@ -131,44 +131,28 @@ def quantize_int8(src: Path, dst: Path, flavour: str = "weight-only", exclude: l
     raise ValueError(f"unknown INT8 flavour {flavour}: use one of {', '.join(INT8_FLAVOURS)}")
 
 
-# ONNX Runtime's HQQ is left out: its float zero points send MatMulNBits to a general kernel 10x
-# slower than fp32 on the default model (332 ms per token), and rounding them to integers loses
-# more than round-to-nearest (measured: docs/toolchain.md).
-INT4_QUANTIZERS = ("rtn-symmetric", "rtn-asymmetric")
-
-
-def quantize_int4(src: Path, dst: Path, quantizer: str = "rtn-symmetric", block_size: int = 32) -> Path:
-    """4-bit block-wise weights as ONNX Runtime's MatMulNBits (lm_head included): round-to-nearest,
-    symmetric or with a zero point. accuracy_level 4 (int8 activations in the kernel) is
-    what makes the kernel fast on a CPU; it is set on every node."""
+def quantize_int4(src: Path, dst: Path, block_size: int = 32) -> Path:
+    """4-bit block-wise weights as ONNX Runtime's MatMulNBits (lm_head included), symmetric
+    round-to-nearest: integer levels with no zero point, the layout of its fastest CPU kernel;
+    accuracy_level 4 (int8 activations in the kernel) is set on every node. Better grids come from
+    preparing the weights first (prunekit.activation_scaling). ONNX Runtime's HQQ is not used: its
+    float zero points send MatMulNBits to a general kernel 10x slower than fp32 here, and the
+    asymmetric grid measured worse than the symmetric one (docs/toolchain.md)."""
     _require_onnx()
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    if quantizer not in INT4_QUANTIZERS:
-        raise ValueError(f"unknown INT4 quantizer {quantizer}: use one of {', '.join(INT4_QUANTIZERS)}")
     dst.parent.mkdir(parents=True, exist_ok=True)
-    quantizer_ = MatMulNBitsQuantizer(onnx.load(str(src)), bits=4, block_size=block_size,
-                                      is_symmetric=quantizer == "rtn-symmetric", accuracy_level=4)
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), bits=4, block_size=block_size, is_symmetric=True,
+                                     accuracy_level=4)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        quantizer_.process()
-    for node in quantizer_.model.model.graph.node:
+        quantizer.process()
+    for node in quantizer.model.model.graph.node:
         if node.op_type == "MatMulNBits" and not any(a.name == "accuracy_level" for a in node.attribute):
             node.attribute.append(onnx.helper.make_attribute("accuracy_level", 4))
-    quantizer_.model.save_model_to_file(str(dst), use_external_data_format=True)
+    quantizer.model.save_model_to_file(str(dst), use_external_data_format=True)
     return dst
-
-
-def quantize_weights(src: Path, dst: Path, precision: str, int4_quantizer: str = "rtn-symmetric",
-                     int8_flavour: str = "weight-only", calibration: list[torch.Tensor] | None = None) -> Path:
-    """The precision a candidate names: int8 (weight-only MatMulNBits unless another flavour is
-    asked for), or int4."""
-    if precision == "int8":
-        return quantize_int8(src, dst, int8_flavour, calibration=calibration)
-    if precision == "int4":
-        return quantize_int4(src, dst, int4_quantizer)
-    raise ValueError(f"ONNX Runtime candidates are fp32, int8 or int4, not {precision}")
 
 
 def quantize_qdq(src: Path, dst: Path, calibration: list[torch.Tensor]) -> Path:

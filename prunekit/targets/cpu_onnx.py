@@ -1,7 +1,11 @@
 """cpu-onnx back end: every candidate is a real artifact. Each amount's model is exported once
 (verified against torch: logits and greedy tokens through the KV cache), then quantized per
 precision; ONNX Runtime itself computes each candidate's quality on the selection tokens, and one
-process times every artifact side by side. The chosen artifact is copied, not rebuilt."""
+process times every artifact side by side. The chosen artifact is copied, not rebuilt.
+
+INT4 has two quantizers, compared on the first amount (the better one quantizes every amount):
+ONNX Runtime's round-to-nearest on the export, and the same rounding after prunekit's
+activation-aware preparation (prunekit.activation_scaling), which needs an export of its own."""
 
 from __future__ import annotations
 
@@ -11,13 +15,18 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import torch
+
+from prunekit.activation_scaling import prepare_int4
 from prunekit.evaluation import measure_qualities
 from prunekit.exporters.latency import measure_in_subprocess
-from prunekit.exporters.onnx import (INT4_QUANTIZERS, OnnxDecoder, export_verified, onnx_bytes, onnx_logits,
-                                     quantize_int4, quantize_weights)
+from prunekit.exporters.onnx import (OnnxDecoder, export_verified, onnx_bytes, onnx_logits, quantize_int4,
+                                     quantize_int8)
 from prunekit.progress import say
 from prunekit.search import BUILT, Candidate
 from prunekit.targets import ExportOutcome
+
+INT4_QUANTIZERS = ("rtn-symmetric", "activation-aware")
 
 
 def _runtime() -> str:
@@ -40,6 +49,7 @@ class OnnxCandidates:
         self.timings: dict[str, float] = defaultdict(float)
         self.int4_quantizer: str | None = None
         self.int4_comparison: list[dict] = []
+        self.int4_used: dict[float, str] = {}  # amount -> the quantizer of its int4 artifact
 
     def build(self, model, amount: float, precisions: tuple[str, ...], windows, dense) -> list[Candidate]:
         folder = self.scratch / f"amount-{amount:g}"
@@ -49,20 +59,22 @@ class OnnxCandidates:
         self.timings["export_onnx"] += time.perf_counter() - start
         judged = {}  # precision -> (path, quality) already measured
         if "int4" in precisions and self.int4_quantizer is None and dense is not None:
-            judged["int4"] = self._choose_int4(fp32, folder, windows, dense)
-        start = time.perf_counter()
+            judged["int4"] = self._choose_int4(model, amount, fp32, folder, windows, dense)
         paths = {}
         for precision in precisions:
             if precision in judged:
                 paths[precision] = judged[precision][0]
             elif precision == "fp32":
                 paths[precision] = fp32
+            elif precision == "int4":
+                paths[precision] = self._int4(model, amount, fp32, folder, self.int4_quantizer or (
+                    "activation-aware" if self.calibration else "rtn-symmetric"))
             else:
+                start = time.perf_counter()
                 say(f"quantizing to {precision}", self.quiet)
-                paths[precision] = quantize_weights(fp32, folder / precision / "model.onnx", precision,
-                                                    self.int4_quantizer or INT4_QUANTIZERS[0], self.int8_flavour,
-                                                    self.calibration)
-        self.timings["quantize"] += time.perf_counter() - start
+                paths[precision] = quantize_int8(fp32, folder / precision / "model.onnx", self.int8_flavour,
+                                                 calibration=self.calibration)
+                self.timings["quantize"] += time.perf_counter() - start
         to_judge = {p: path for p, path in paths.items() if p not in judged}
         qualities = self._quality(to_judge, windows, dense) if dense is not None else {}
         qualities.update({p: quality for p, (_, quality) in judged.items()})
@@ -85,17 +97,38 @@ class OnnxCandidates:
             sessions.clear()  # close the sessions: their threads must not share the cores with timing
             self.timings["judge"] += time.perf_counter() - start
 
-    def _choose_int4(self, fp32: Path, folder: Path, windows, dense) -> tuple:
-        """ONNX Runtime's 4-bit quantizers, compared on the first amount's selection tokens; the
-        one with the least perplexity increase (what the budget judges) quantizes every amount."""
+    def _int4(self, model, amount: float, fp32: Path, folder: Path, quantizer: str) -> Path:
+        """The amount's INT4 artifact by ``quantizer`` (INT4_QUANTIZERS)."""
         start = time.perf_counter()
-        say(f"comparing 4-bit quantizers ({', '.join(INT4_QUANTIZERS)})", self.quiet)
-        paths = {q: quantize_int4(fp32, folder / f"int4-{q}" / "model.onnx", q) for q in INT4_QUANTIZERS}
+        say(f"quantizing to int4 ({quantizer})", self.quiet)
+        self.int4_used[amount] = quantizer
+        if quantizer == "activation-aware":
+            prepared = prepare_int4(model, torch.stack(list(self.calibration)))
+            self.timings["prepare_int4"] += time.perf_counter() - start
+            start = time.perf_counter()
+            say("exporting the model prepared for int4", self.quiet)
+            fp32, self.checks[f"export {amount:g} int4"] = export_verified(prepared, folder / "int4-prepared" /
+                                                                           "model.onnx", self.probe)
+            del prepared
+            self.timings["export_onnx"] += time.perf_counter() - start
+            start = time.perf_counter()
+        path = quantize_int4(fp32, folder / f"int4-{quantizer}" / "model.onnx")
+        if quantizer == "activation-aware":
+            shutil.rmtree(fp32.parent)
         self.timings["quantize"] += time.perf_counter() - start
+        return path
+
+    def _choose_int4(self, model, amount: float, fp32: Path, folder: Path, windows, dense) -> tuple:
+        """Both 4-bit quantizers, compared on the first amount's selection tokens; the one with the
+        least perplexity increase (what the budget judges) quantizes every amount."""
+        quantizers = INT4_QUANTIZERS if self.calibration else INT4_QUANTIZERS[:1]
+        say(f"comparing 4-bit quantizers ({', '.join(quantizers)})", self.quiet)
+        paths = {q: self._int4(model, amount, fp32, folder, q) for q in quantizers}
         qualities = self._quality(paths, windows, dense)
         self.int4_comparison = [{"quantizer": q, "ppl_increase": qualities[q].increase_pct, "kl": qualities[q].kl,
                                  "top1": qualities[q].top1} for q in paths]
         self.int4_quantizer = min(paths, key=lambda q: qualities[q].increase_pct)
+        self.int4_used[amount] = self.int4_quantizer
         for quantizer, path in paths.items():
             if quantizer != self.int4_quantizer:
                 shutil.rmtree(path.parent)
@@ -120,9 +153,10 @@ class OnnxCandidates:
         for file in source.parent.iterdir():
             shutil.copy2(file, target / file.name)
         runner = OnnxDecoder(target / "model.onnx")
+        quantizer = self.int4_used.get(chosen.amount) if chosen.precision == "int4" else None
+        export = f"export {chosen.amount:g}" + (" int4" if quantizer == "activation-aware" else "")
         self.checks["shipped"] = {"kv_cache_io": len(runner.past_names) == len(runner.present_names) > 0,
-                                  "verified_export": self.checks[f"export {chosen.amount:g}"]["passed"],
-                                  "int4_quantizer": self.int4_quantizer if chosen.precision == "int4" else None}
+                                  "verified_export": self.checks[export]["passed"], "int4_quantizer": quantizer}
         del runner
         latency = {"basis": "measured", "runtime": _runtime(), "shipped": chosen.name,
                    **{k: chosen.extra["latency"][k] for k in ("threads", "prompt_tokens", "decode_tokens", "rounds")}}

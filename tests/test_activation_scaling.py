@@ -1,0 +1,91 @@
+"""Activation-aware INT4 preparation: the grid is ONNX Runtime's, scaling keeps the function,
+and the prepared weights round better than the plain ones."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from prunekit import activation_scaling
+from prunekit.activation_scaling import clip_blocks, int4_round, prepare_int4
+
+
+def _model(seed=0):
+    """A tiny LLaMA whose widths are whole 32-input blocks, with a few loud activation channels."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=8, num_key_value_heads=2, head_dim=8, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.input_layernorm.weight[:4] = 12.0  # outlier channels, as real models have
+            layer.post_attention_layernorm.weight[4:8] = 12.0
+    return model
+
+
+def _windows(seed=1):
+    return torch.randint(0, 128, (6, 24), generator=torch.Generator().manual_seed(seed))
+
+
+def test_int4_round_is_onnx_runtimes_grid(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper, numpy_helper
+
+    from prunekit.exporters.onnx import quantize_int4
+
+    weight = torch.randn(48, 64, generator=torch.Generator().manual_seed(0))  # (out, in), torch's layout
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [64, 48])],
+                              [numpy_helper.from_array(weight.T.contiguous().numpy(), "w")])
+    src = tmp_path / "fp32.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+    dst = quantize_int4(src, tmp_path / "int4" / "model.onnx")
+    session = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"])
+    dequantized = session.run(None, {"x": np.eye(64, dtype=np.float32)})[0].T  # identity rows: exact in int8
+    assert np.allclose(dequantized, int4_round(weight).numpy(), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(dequantized, weight.numpy(), atol=1e-3)
+
+
+def test_clipping_never_rounds_worse_and_stays_within_the_peak():
+    weight = torch.randn(16, 64, generator=torch.Generator().manual_seed(2)) ** 3  # heavy tails: clipping pays
+    importance = torch.rand(64, generator=torch.Generator().manual_seed(3))
+    clipped = clip_blocks(weight, importance)
+
+    def error(w):
+        return float(((int4_round(w) - weight) ** 2 * importance).sum())
+
+    assert error(clipped) < error(weight)
+    assert (clipped.abs() <= weight.abs() + 1e-7).all()
+
+
+def test_scaling_alone_computes_the_same_function(monkeypatch):
+    model, windows = _model(), _windows()
+    monkeypatch.setattr(activation_scaling, "CLIP_FRACTIONS", (1.0,))
+    prepared = prepare_int4(model, windows)
+    with torch.no_grad():
+        assert torch.allclose(prepared(windows).logits, model(windows).logits, atol=1e-4)
+    scaled = prepared.model.layers[0].input_layernorm.weight
+    assert not torch.allclose(scaled, model.model.layers[0].input_layernorm.weight)  # the scale did move
+    assert torch.equal(prepared.model.embed_tokens.weight, model.model.embed_tokens.weight)  # lm_head untied
+
+
+def test_prepared_weights_round_closer_to_the_dense_model():
+    model, fit, held = _model(), _windows(1), _windows(2)  # judged on tokens it was not prepared on
+
+    def rounded(m):
+        with torch.no_grad():
+            for linear in m.modules():
+                if isinstance(linear, torch.nn.Linear):
+                    linear.weight.copy_(int4_round(linear.weight))
+        return m
+
+    with torch.no_grad():
+        dense = model(held).logits
+        plain = rounded(copy.deepcopy(model))(held).logits
+        prepared = rounded(prepare_int4(model, fit))(held).logits
+    assert (prepared - dense).pow(2).mean() < 0.8 * (plain - dense).pow(2).mean()
