@@ -5,7 +5,8 @@ GGUF, beside prunekit's ONNX artifacts, timed in the same process, round-robin, 
     python bench/llamacpp.py --deployed prunekit-out/cpu-onnx [--rounds 5] [--ppl-windows 40]
 
 Rows: llama.cpp on the GGUF (Q4_1, the file prunekit dequantizes to fp32 as its dense reference),
-prunekit's dense fp32 and dense INT8 (exported here), and the artifact a deploy shipped
+prunekit's dense fp32, dense INT8 and dense INT4 (activation-aware, prepared on 8 x 512 WikiText-2
+validation tokens; exported here), and the artifact a deploy shipped
 (``--deployed``: its onnx/). Each row: prefill of a 128-token prompt, decode ms per token (median
 over rounds of the median step), and perplexity on the protocol's WikiText-2 windows with its
 change against the dense fp32 model in torch, all computed here. Run it alone.
@@ -26,12 +27,14 @@ import torch
 
 from prunekit.evaluation import eval_windows, measure_qualities
 from prunekit.exporters.latency import _one_round, peak_rss_gb
-from prunekit.exporters.onnx import OnnxDecoder, export_onnx, onnx_bytes, onnx_logits, quantize_int8
+from prunekit.activation_scaling import prepare_int4
+from prunekit.calibration import calibration_ids
+from prunekit.exporters.onnx import OnnxDecoder, export_onnx, onnx_bytes, onnx_logits, quantize_int4, quantize_int8
 from prunekit.models import default_gguf_path, load_model
 from prunekit.threads import usable_cores, use_usable_cores
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from protocol import EVAL_FILE, EVAL_SEQLEN  # noqa: E402
+from protocol import CALIB_FILE, EVAL_FILE, EVAL_SEQLEN  # noqa: E402
 
 
 class LlamaCppDecoder:
@@ -75,8 +78,11 @@ def main():
     gguf = default_gguf_path()
     with tempfile.TemporaryDirectory() as scratch:
         fp32 = export_onnx(dense.model, Path(scratch) / "fp32" / "model.onnx")
+        calib = calibration_ids(str(CALIB_FILE), dense.tokenizer, 8, 512, seed=0)
+        prepared = export_onnx(prepare_int4(dense.model, calib), Path(scratch) / "prepared" / "model.onnx")
         paths = {"prunekit dense fp32": fp32,
                  "prunekit dense int8": quantize_int8(fp32, Path(scratch) / "int8" / "model.onnx"),
+                 "prunekit dense int4 (activation-aware)": quantize_int4(prepared, Path(scratch) / "int4" / "model.onnx"),
                  f"prunekit shipped ({report['search']['selection']['chosen']})": args.deployed / "onnx" / "model.onnx"}
         runners = {f"llama.cpp {gguf.name}": LlamaCppDecoder(gguf, threads)}
         runners.update({name: OnnxDecoder(path, threads=threads) for name, path in paths.items()})
