@@ -119,13 +119,16 @@ def _sample_inputs(model: nn.Module, modules: list[nn.Module], windows: torch.Te
 
 
 @torch.no_grad()
-def prepare_int4(model: nn.Module, windows: torch.Tensor, seed: int = 0) -> nn.Module:
+def prepare_int4(model: nn.Module, windows: torch.Tensor, seed: int = 0, eight_bit: tuple[str, ...] = ()) -> nn.Module:
     """A copy of ``model`` (lm_head untied) that computes the same function in float, with every
     projection scaled and clipped for symmetric 4-bit round-to-nearest; ``windows`` are
-    calibration token windows, never selection or evaluation text."""
+    calibration token windows, never selection or evaluation text. Projections named in
+    ``eight_bit`` (module names, e.g. "lm_head", "down_proj") will be rounded to 8 bits: they are
+    scaled with their group but not clipped, since clipping for a 4-bit grid only loses at 8 bits."""
     out = copy.deepcopy(model)
     head = out.get_submodule(architecture_for(out.config).head)
     head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+    unclipped = {id(m) for name, m in out.named_modules() if name.rsplit(".", 1)[-1] in eight_bit}
     groups = _groups(out)
     grouped = {id(c) for _, _, consumers in groups for c in consumers}
     alone = [m for m in out.modules() if isinstance(m, nn.Linear) and id(m) not in grouped]  # o_proj
@@ -135,7 +138,10 @@ def prepare_int4(model: nn.Module, windows: torch.Tensor, seed: int = 0) -> nn.M
         producer.weight.div_((s if kind == "norm" else s[:, None]).to(producer.weight.dtype))
         importance = (x / s).pow(2).mean(0)
         for consumer in consumers:
-            consumer.weight.copy_(clip_blocks(consumer.weight.float() * s, importance).to(consumer.weight.dtype))
+            scaled = consumer.weight.float() * s
+            consumer.weight.copy_((scaled if id(consumer) in unclipped else clip_blocks(scaled, importance))
+                                  .to(consumer.weight.dtype))
     for linear, x in zip(alone, inputs[len(groups):]):  # no producer that could absorb a scale: clipped only
-        linear.weight.copy_(clip_blocks(linear.weight.float(), x.pow(2).mean(0)).to(linear.weight.dtype))
+        if id(linear) not in unclipped:
+            linear.weight.copy_(clip_blocks(linear.weight.float(), x.pow(2).mean(0)).to(linear.weight.dtype))
     return out

@@ -169,6 +169,8 @@ PRECISION_REASONS = {
     "fp32": "float weights, no quantization", "fp16": "half-precision float weights, no quantization",
     "int8": "INT8 weights halve the bytes moved per token again",
     "int4": "4-bit block-wise weights quarter the bytes moved per token",
+    "int4-mixed": "4-bit block-wise weights, the output head and the MLP's down projection at 8 "
+                  "bits: the most sensitive projections keep their quality, as in llama.cpp's Q4_K_M",
     "palette4": "4-bit palettized weights (16 shared values per tensor): a quarter of the bytes"}
 
 

@@ -140,9 +140,10 @@ def _search_lines(search: dict | None) -> list[str]:
                      f"| {_fmt(c['prefill_ms'], '.0f')} | {_fmt(c['bytes'] and c['bytes'] / 1e6, '.1f')}{size_basis} "
                      f"| {fits} |")
     if search.get("int4_quantizers"):
-        lines += ["", "4-bit quantizers compared on the first amount's selection tokens (least perplexity increase quantizes every "
-                      "amount): " + ", ".join(f"{q['quantizer']} {q['ppl_increase']:+.1f}% KL {q['kl']:.4f}"
-                                             for q in search["int4_quantizers"])]
+        lines += ["", f"4-bit quantizers compared on the first amount's selection tokens at "
+                      f"{search['int4_quantizers'][0].get('precision', 'int4')} (least perplexity increase quantizes "
+                      f"every amount and 4-bit precision): " + ", ".join(
+                          f"{q['quantizer']} {q['ppl_increase']:+.1f}% KL {q['kl']:.4f}" for q in search["int4_quantizers"])]
     return lines
 
 

@@ -89,3 +89,35 @@ def test_prepared_weights_round_closer_to_the_dense_model():
         plain = rounded(copy.deepcopy(model))(held).logits
         prepared = rounded(prepare_int4(model, fit))(held).logits
     assert (prepared - dense).pow(2).mean() < 0.8 * (plain - dense).pow(2).mean()
+
+
+def test_projections_kept_at_8_bits_are_not_clipped():
+    model, windows = _model(), _windows()
+    kept = prepare_int4(model, windows, eight_bit=("o_proj",))  # o_proj has no producer: clipping only
+    clipped = prepare_int4(model, windows)
+    for layer, dense in zip(kept.model.layers, model.model.layers):
+        assert torch.equal(layer.self_attn.o_proj.weight, dense.self_attn.o_proj.weight)
+    assert any(not torch.equal(c.self_attn.o_proj.weight, d.self_attn.o_proj.weight)
+               for c, d in zip(clipped.model.layers, model.model.layers))
+
+
+def test_mixed_int4_keeps_the_named_matmuls_at_8_bits(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper, numpy_helper
+
+    from prunekit.exporters.onnx import quantize_int4
+
+    weights = [numpy_helper.from_array(np.random.default_rng(i).standard_normal((64, 64)).astype(np.float32), f"w{i}")
+               for i in range(2)]
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w0"], ["hidden"], name="body"),
+                               helper.make_node("MatMul", ["hidden", "w1"], ["logits"], name="head")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 64])], weights)
+    src = tmp_path / "fp32.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+    for eight_bit, head_bits in (((), 4), (("logits",), 8)):
+        out = onnx.load(str(quantize_int4(src, tmp_path / f"q{head_bits}" / "model.onnx", eight_bit=eight_bit)))
+        bits = {n.output[0]: next(a.i for a in n.attribute if a.name == "bits") for n in out.graph.node
+                if n.op_type == "MatMulNBits"}
+        assert bits == {"hidden": 4, "logits": head_bits}

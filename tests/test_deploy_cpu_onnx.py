@@ -38,7 +38,8 @@ def test_budgeted_deploy_ships_the_fastest_candidate_within_budget(tiny_folder, 
     assert search["budget"]["sources"] == {"max_ppl_increase": "flag --max-ppl-increase"}
     assert "held-out calibration samples" in search["selected_on"]
     built = [c for c in search["candidates"] if c["status"] == "built"]
-    assert {(c["amount"], c["precision"]) for c in built} >= {(0.0, "fp32"), (0.0, "int8"), (0.0, "int4")}
+    assert {(c["amount"], c["precision"]) for c in built} >= {(0.0, "fp32"), (0.0, "int8"), (0.0, "int4"),
+                                                              (0.0, "int4-mixed")}
     assert all(c["decode_ms"] > 0 and c["prefill_ms"] > 0 and c["bytes"] > 0 and c["latency_basis"] == "measured"
                for c in built)
     fits = [c for c in built if c["within_budget"]]

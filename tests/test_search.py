@@ -64,8 +64,9 @@ def test_budget_from_flags_and_profile():
 def test_search_space_follows_what_the_user_left_open():
     cpu = load_profile("cpu-onnx")
     plan = make_plan(cpu)
-    assert plan.search.amounts == (0.0, 0.1, 0.2, 0.3) and plan.search.precisions == ("fp32", "int8", "int4")
-    assert plan.search.objective == "latency" and plan.search.size == 12
+    assert plan.search.amounts == (0.0, 0.1, 0.2, 0.3)
+    assert plan.search.precisions == ("fp32", "int8", "int4", "int4-mixed")
+    assert plan.search.objective == "latency" and plan.search.size == 16
     assert make_plan(cpu, sparsity=0.2).search.amounts == (0.2,)
     assert make_plan(cpu, precision="int4").search.precisions == ("int4",)
     assert make_plan(cpu, sparsity=0.2, precision="int4").search is None

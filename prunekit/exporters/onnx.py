@@ -131,24 +131,31 @@ def quantize_int8(src: Path, dst: Path, flavour: str = "weight-only", exclude: l
     raise ValueError(f"unknown INT8 flavour {flavour}: use one of {', '.join(INT8_FLAVOURS)}")
 
 
-def quantize_int4(src: Path, dst: Path, block_size: int = 32) -> Path:
+def quantize_int4(src: Path, dst: Path, block_size: int = 32, eight_bit: tuple[str, ...] = ()) -> Path:
     """4-bit block-wise weights as ONNX Runtime's MatMulNBits (lm_head included), symmetric
     round-to-nearest: integer levels with no zero point, the layout of its fastest CPU kernel;
-    accuracy_level 4 (int8 activations in the kernel) is set on every node. Better grids come from
-    preparing the weights first (prunekit.activation_scaling). ONNX Runtime's HQQ is not used: its
-    float zero points send MatMulNBits to a general kernel 10x slower than fp32 here, and the
-    asymmetric grid measured worse than the symmetric one (docs/toolchain.md)."""
+    accuracy_level 4 (int8 activations in the kernel) is set on every node. ``eight_bit`` keeps some
+    MatMuls at 8 bits (MatMulNBits too): "logits" names the output head, any other word a module in
+    the node's scope (e.g. "down_proj"). Better grids come from preparing the weights first
+    (prunekit.activation_scaling). ONNX Runtime's HQQ is not used: its float zero points send
+    MatMulNBits to a general kernel 10x slower than fp32 here, and the asymmetric grid measured
+    worse than the symmetric one (docs/toolchain.md)."""
     _require_onnx()
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     dst.parent.mkdir(parents=True, exist_ok=True)
-    quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), bits=4, block_size=block_size, is_symmetric=True,
-                                     accuracy_level=4)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        quantizer.process()
-    for node in quantizer.model.model.graph.node:
+    model = onnx.load(str(src))
+    keep = [n.name for n in model.graph.node if n.op_type == "MatMul"
+            and (set(eight_bit) & set(n.output) or _scope_has(n, eight_bit))]
+    for bits, exclude in ((4, keep), (8, [])) if keep else ((4, []),):
+        quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=True,
+                                         accuracy_level=4, nodes_to_exclude=exclude)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quantizer.process()
+        model = quantizer.model.model
+    for node in model.graph.node:
         if node.op_type == "MatMulNBits" and not any(a.name == "accuracy_level" for a in node.attribute):
             node.attribute.append(onnx.helper.make_attribute("accuracy_level", 4))
     quantizer.model.save_model_to_file(str(dst), use_external_data_format=True)

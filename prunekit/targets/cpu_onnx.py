@@ -5,7 +5,8 @@ process times every artifact side by side. The chosen artifact is copied, not re
 
 INT4 has two quantizers, compared on the first amount (the better one quantizes every amount):
 ONNX Runtime's round-to-nearest on the export, and the same rounding after prunekit's
-activation-aware preparation (prunekit.activation_scaling), which needs an export of its own."""
+activation-aware preparation (prunekit.activation_scaling), which needs an export of its own.
+int4-mixed is the same with the output head and the MLP's down projection at 8 bits."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 
 from prunekit.activation_scaling import prepare_int4
+from prunekit.arch import architecture_for
 from prunekit.evaluation import measure_qualities
 from prunekit.exporters.latency import measure_in_subprocess
 from prunekit.exporters.onnx import (OnnxDecoder, export_verified, onnx_bytes, onnx_logits, quantize_int4,
@@ -27,6 +29,16 @@ from prunekit.search import BUILT, Candidate
 from prunekit.targets import ExportOutcome
 
 INT4_QUANTIZERS = ("rtn-symmetric", "activation-aware")
+INT4_PRECISIONS = ("int4", "int4-mixed")
+
+
+def _eight_bit(model, precision: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The projections ``precision`` keeps at 8 bits: (torch module names, ONNX names: "logits" is
+    the exported graph's head)."""
+    if precision == "int4":
+        return (), ()
+    arch = architecture_for(model.config)
+    return (arch.head, arch.down), ("logits", arch.down)
 
 
 def _runtime() -> str:
@@ -58,16 +70,17 @@ class OnnxCandidates:
         fp32, self.checks[f"export {amount:g}"] = export_verified(model, folder / "fp32" / "model.onnx", self.probe)
         self.timings["export_onnx"] += time.perf_counter() - start
         judged = {}  # precision -> (path, quality) already measured
-        if "int4" in precisions and self.int4_quantizer is None and dense is not None:
-            judged["int4"] = self._choose_int4(model, amount, fp32, folder, windows, dense)
+        first_int4 = next((p for p in precisions if p in INT4_PRECISIONS), None)
+        if first_int4 and self.int4_quantizer is None and dense is not None:
+            judged[first_int4] = self._choose_int4(model, amount, fp32, folder, windows, dense, first_int4)
         paths = {}
         for precision in precisions:
             if precision in judged:
                 paths[precision] = judged[precision][0]
             elif precision == "fp32":
                 paths[precision] = fp32
-            elif precision == "int4":
-                paths[precision] = self._int4(model, amount, fp32, folder, self.int4_quantizer or (
+            elif precision in INT4_PRECISIONS:
+                paths[precision] = self._int4(model, amount, fp32, folder, precision, self.int4_quantizer or (
                     "activation-aware" if self.calibration else "rtn-symmetric"))
             else:
                 start = time.perf_counter()
@@ -97,36 +110,38 @@ class OnnxCandidates:
             sessions.clear()  # close the sessions: their threads must not share the cores with timing
             self.timings["judge"] += time.perf_counter() - start
 
-    def _int4(self, model, amount: float, fp32: Path, folder: Path, quantizer: str) -> Path:
-        """The amount's INT4 artifact by ``quantizer`` (INT4_QUANTIZERS)."""
+    def _int4(self, model, amount: float, fp32: Path, folder: Path, precision: str, quantizer: str) -> Path:
+        """The amount's ``precision`` (INT4_PRECISIONS) artifact by ``quantizer`` (INT4_QUANTIZERS)."""
         start = time.perf_counter()
-        say(f"quantizing to int4 ({quantizer})", self.quiet)
+        say(f"quantizing to {precision} ({quantizer})", self.quiet)
         self.int4_used[amount] = quantizer
+        torch_names, onnx_names = _eight_bit(model, precision)
         if quantizer == "activation-aware":
-            prepared = prepare_int4(model, torch.stack(list(self.calibration)))
+            prepared = prepare_int4(model, torch.stack(list(self.calibration)), eight_bit=torch_names)
             self.timings["prepare_int4"] += time.perf_counter() - start
             start = time.perf_counter()
-            say("exporting the model prepared for int4", self.quiet)
-            fp32, self.checks[f"export {amount:g} int4"] = export_verified(prepared, folder / "int4-prepared" /
-                                                                           "model.onnx", self.probe)
+            say(f"exporting the model prepared for {precision}", self.quiet)
+            fp32, self.checks[f"export {amount:g} {precision}"] = export_verified(
+                prepared, folder / f"{precision}-prepared" / "model.onnx", self.probe)
             del prepared
             self.timings["export_onnx"] += time.perf_counter() - start
             start = time.perf_counter()
-        path = quantize_int4(fp32, folder / f"int4-{quantizer}" / "model.onnx")
+        path = quantize_int4(fp32, folder / f"{precision}-{quantizer}" / "model.onnx", eight_bit=onnx_names)
         if quantizer == "activation-aware":
             shutil.rmtree(fp32.parent)
         self.timings["quantize"] += time.perf_counter() - start
         return path
 
-    def _choose_int4(self, model, amount: float, fp32: Path, folder: Path, windows, dense) -> tuple:
-        """Both 4-bit quantizers, compared on the first amount's selection tokens; the one with the
-        least perplexity increase (what the budget judges) quantizes every amount."""
+    def _choose_int4(self, model, amount: float, fp32: Path, folder: Path, windows, dense, precision: str) -> tuple:
+        """Both 4-bit quantizers, compared at ``precision`` on the first amount's selection tokens;
+        the one with the least perplexity increase (what the budget judges) quantizes every amount
+        and 4-bit precision."""
         quantizers = INT4_QUANTIZERS if self.calibration else INT4_QUANTIZERS[:1]
         say(f"comparing 4-bit quantizers ({', '.join(quantizers)})", self.quiet)
-        paths = {q: self._int4(model, amount, fp32, folder, q) for q in quantizers}
+        paths = {q: self._int4(model, amount, fp32, folder, precision, q) for q in quantizers}
         qualities = self._quality(paths, windows, dense)
-        self.int4_comparison = [{"quantizer": q, "ppl_increase": qualities[q].increase_pct, "kl": qualities[q].kl,
-                                 "top1": qualities[q].top1} for q in paths]
+        self.int4_comparison = [{"quantizer": q, "precision": precision, "ppl_increase": qualities[q].increase_pct,
+                                 "kl": qualities[q].kl, "top1": qualities[q].top1} for q in paths]
         self.int4_quantizer = min(paths, key=lambda q: qualities[q].increase_pct)
         self.int4_used[amount] = self.int4_quantizer
         for quantizer, path in paths.items():
@@ -153,8 +168,8 @@ class OnnxCandidates:
         for file in source.parent.iterdir():
             shutil.copy2(file, target / file.name)
         runner = OnnxDecoder(target / "model.onnx")
-        quantizer = self.int4_used.get(chosen.amount) if chosen.precision == "int4" else None
-        export = f"export {chosen.amount:g}" + (" int4" if quantizer == "activation-aware" else "")
+        quantizer = self.int4_used.get(chosen.amount) if chosen.precision in INT4_PRECISIONS else None
+        export = f"export {chosen.amount:g}" + (f" {chosen.precision}" if quantizer == "activation-aware" else "")
         self.checks["shipped"] = {"kv_cache_io": len(runner.past_names) == len(runner.present_names) > 0,
                                   "verified_export": self.checks[export]["passed"], "int4_quantizer": quantizer}
         del runner
