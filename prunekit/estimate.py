@@ -55,20 +55,40 @@ def roofline(flops: float, bytes_moved: float, peak_tflops: float, bandwidth_gbs
             "bytes": bytes_moved}
 
 
+def sparse_gemm_weights(model, n_m: tuple[int, int] = (2, 4)) -> int:
+    """Weights of the decoder's projections that hold zeros in the ``n_m`` pattern: the GEMMs
+    sparse tensor cores run compressed. Counted per layer, so a model with some blocks kept dense
+    (prunekit.pruning.partial) gets the speed-up and the compression only where they apply."""
+    from prunekit.pruning.checker import check_model
+
+    return sum(r.shape[0] * r.shape[1] for r in check_model(model, n_m) if r.nm_ok and r.sparsity > 0)
+
+
+def sparse_stored_bytes(model, precision: str, n_m: tuple[int, int] = (2, 4)) -> int:
+    """Bytes of the weights at ``precision`` (prunekit.weight_rounding.stored_bytes), with the
+    ``n_m``-sparse GEMM weights stored compressed (TWO_FOUR_STORED_FRACTION of their values)."""
+    from prunekit.weight_rounding import stored_bytes
+
+    bits = {"int8": 8, "fp32": 32}.get(precision, 16)
+    return stored_bytes(model, precision) - int(sparse_gemm_weights(model, n_m) * bits / 8
+                                                * (1 - TWO_FOUR_STORED_FRACTION))
+
+
 def estimate_latency(cost: ModelCost, weight_bytes: int, peak_tflops: float, bandwidth_gbs: float,
                      prompt_tokens: int = 128, decode_context: int = 160, kv_bytes_per_value: int = 2,
-                     gemm_speedup: float = 1.0, batch: int = 1) -> dict:
+                     gemm_speedup: float = 1.0, batch: int = 1, sparse_flops_per_token: float | None = None) -> dict:
     """Prefill of ``prompt_tokens`` and one decode step at ``decode_context`` cached tokens.
 
-    Prefill: weights are read once, FLOPs scale with the prompt (linear work divided by
-    ``gemm_speedup``, e.g. 2:4 sparse tensor cores). Decode: every weight byte and the KV cache
-    are read for one token; at batch 1 memory dominates, so sparsity of the math barely helps."""
+    Prefill: weights are read once, FLOPs scale with the prompt (the ``sparse_flops_per_token`` of
+    the linear work, all of it if None, divided by ``gemm_speedup``, e.g. 2:4 sparse tensor cores).
+    Decode: every weight byte and the KV cache are read for one token; at batch 1 memory
+    dominates, so sparsity of the math barely helps."""
     avg_context = (prompt_tokens + 1) / 2
-    prefill_flops = batch * prompt_tokens * (cost.linear_flops_per_token / gemm_speedup
-                                             + cost.attention_flops_per_context_token * avg_context)
+    sparse = cost.linear_flops_per_token if sparse_flops_per_token is None else sparse_flops_per_token
+    linear = cost.linear_flops_per_token - sparse + sparse / gemm_speedup
+    prefill_flops = batch * prompt_tokens * (linear + cost.attention_flops_per_context_token * avg_context)
     prefill_bytes = weight_bytes + batch * prompt_tokens * cost.kv_values_per_token * kv_bytes_per_value
-    decode_flops = batch * (cost.linear_flops_per_token / gemm_speedup
-                            + cost.attention_flops_per_context_token * decode_context)
+    decode_flops = batch * (linear + cost.attention_flops_per_context_token * decode_context)
     decode_bytes = weight_bytes + batch * decode_context * cost.kv_values_per_token * kv_bytes_per_value
     prefill = roofline(prefill_flops, prefill_bytes, peak_tflops, bandwidth_gbs)
     decode = roofline(decode_flops, decode_bytes, peak_tflops, bandwidth_gbs)

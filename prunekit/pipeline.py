@@ -192,6 +192,7 @@ def deploy(target: str, model: str | None = None, out: str | Path | None = None,
         context = ExportContext(profile=profile, plan=plan, model=shipped_model, stage=stage, probe_tokens=probe,
                                 calib_tokens=fit_ids, eval_windows=windows[0], dense=dense,
                                 int8_flavour=int8_flavour, quiet=quiet,
+                                dense_blocks=tuple(result.details.get("dense_blocks", ())) if result else (),
                                 eval_label=f"{first.language} ({first.source}), {len(windows[0])} x "
                                            f"{evaluation.seqlen} tokens")
         start = time.perf_counter()
@@ -333,7 +334,8 @@ def export(target: str, model_dir: str | Path, out: str | Path, force: bool = Fa
     if not folder.is_dir():
         raise UserInputError(f"--model {model_dir} is not a folder: pass the folder `prunekit prune` wrote")
     profile = load_profile(target)
-    plan: Plan = plan_for_folder(profile, read_manifest(folder), precision)
+    manifest = read_manifest(folder)
+    plan: Plan = plan_for_folder(profile, manifest, precision)
     for warning in plan.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     calibration = Calibration(calib, 8, 512).check()
@@ -346,6 +348,7 @@ def export(target: str, model_dir: str | Path, out: str | Path, force: bool = Fa
         tokens = calibration_ids(calibration.source, loaded.tokenizer, calibration.samples,
                                  calibration.seqlen, calibration.seed, model=loaded.model, progress=not quiet)
         context = ExportContext(profile=profile, plan=plan, model=loaded.model, stage=stage,
-                                probe_tokens=tokens[0][:32], calib_tokens=tokens, quiet=quiet)
+                                probe_tokens=tokens[0][:32], calib_tokens=tokens, quiet=quiet,
+                                dense_blocks=tuple((manifest or {}).get("dense_blocks", ())))
         outcome = export_for(profile.runtime, context)
     return outcome

@@ -231,8 +231,8 @@ def make_plan(profile: Profile, method: str | None = None, pattern: str | Patter
             amounts = profile.search_amounts
         else:  # another kind of method than the profile's: no pruning, or its one amount
             amounts = tuple(sorted({0.0, fixed_sparsity}))
-        if pattern.n_m is not None:  # an N:M pattern has one amount: on (every layer) or off
-            amounts = tuple(a for a in amounts if a in (0.0, fixed_sparsity)) or (fixed_sparsity,)
+        if pattern.n_m is not None:  # N:M zeros its own share: off, on some blocks (less), on every block
+            amounts = tuple(a for a in amounts if a <= fixed_sparsity + 1e-9) or (fixed_sparsity,)
         precisions = (precision,) if precision is not None else profile.search_precisions
         plan_search = Search(profile.objective, amounts, precisions)
         reasons.append(f"search: {method} {pattern} at amounts {', '.join(f'{a:g}' for a in amounts)} x "

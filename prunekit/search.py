@@ -132,7 +132,9 @@ def explore(loaded, dense, plan, grid: list[tuple[float, tuple[str, ...]]], fit_
     """Build and judge every (amount, precision) of ``grid`` in increasing amount. Each amount is
     pruned once from the dense model on ``fit_ids``; with ``screen``, an amount whose pruned float
     model already breaks the quality budget on the selection tokens is not built (quantizing only
-    adds loss), nor is any larger one (pruning more only loses more)."""
+    adds loss), nor is any larger one (pruning more only loses more). With an N:M pattern, an
+    amount below the pattern's own (2:4: 0.5) keeps N:M on that share of the blocks, the most
+    sensitive ones dense (prunekit.pruning.partial), all from one prune of every block."""
     import copy
     import time
 
@@ -140,10 +142,20 @@ def explore(loaded, dense, plan, grid: list[tuple[float, tuple[str, ...]]], fit_
     from prunekit.evaluation import measure_quality
     from prunekit.models import LoadedModel
     from prunekit.progress import say
+    from prunekit.pruning.partial import keep_dense_blocks
     from prunekit.pruning.run import prune
 
     out = Exploration([], {}, seconds={"prune": 0.0, "screen": 0.0, "build": 0.0})
-    stop_why = None
+    stop_why, every_block = None, None  # every_block: the N:M prune of all blocks, made once
+    implied = plan.pattern.implied_sparsity if plan.pattern.n_m else None
+
+    def pruned_at(amount):
+        say(f"pruning {plan.method} {plan.pattern} at {implied or amount:g} on {fit_ids.shape[0]} calibration "
+            f"samples", not progress)
+        return prune(LoadedModel(copy.deepcopy(dense), loaded.tokenizer, loaded.source), plan.method,
+                     implied or amount, plan.pattern, calib=calib_source, calib_ids=fit_ids,
+                     progress=progress, **plan.pruner_options())
+
     for amount, precisions in grid:
         if stop_why is not None:
             out.candidates += [Candidate(amount, p, status=SKIPPED, why=stop_why) for p in precisions]
@@ -151,12 +163,14 @@ def explore(loaded, dense, plan, grid: list[tuple[float, tuple[str, ...]]], fit_
         model, result = dense, None
         if amount > 0:
             start = time.perf_counter()
-            say(f"pruning {plan.method} {plan.pattern} at {amount:g} on {fit_ids.shape[0]} calibration samples",
-                not progress)
             try:
-                result = prune(LoadedModel(copy.deepcopy(dense), loaded.tokenizer, loaded.source), plan.method,
-                               amount, plan.pattern, calib=calib_source, calib_ids=fit_ids,
-                               progress=progress, **plan.pruner_options())
+                if implied and amount < implied:  # N:M on the least sensitive blocks only
+                    every_block = every_block or pruned_at(implied)
+                    result = keep_dense_blocks(every_block, dense, amount)
+                    say(f"{plan.pattern} kept on {len(result.details['sparse_blocks'])} of "
+                        f"{len(every_block.layers)} blocks (amount {amount:g}), the most sensitive dense", not progress)
+                else:
+                    result = every_block if implied and every_block else pruned_at(amount)
             except UserInputError as exc:
                 out.candidates += [Candidate(amount, p, status=SKIPPED, why=str(exc)) for p in precisions]
                 continue

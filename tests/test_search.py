@@ -72,7 +72,7 @@ def test_search_space_follows_what_the_user_left_open():
     assert make_plan(cpu, sparsity=0.2, precision="int4").search is None
     assert make_plan(load_profile("coreml-iphone13")).search.objective == "size"
     trt = make_plan(load_profile("a100-tensorrt-sparse"))
-    assert trt.search.amounts == (0.0, 0.5) and trt.search.precisions == ("fp16", "int8")
+    assert trt.search.amounts == (0.0, 0.125, 0.25, 0.375, 0.5) and trt.search.precisions == ("fp16", "int8")
     with pytest.raises(UserInputError, match="does not run on cpu-onnx"):
         make_plan(cpu, precision="palette4")
 

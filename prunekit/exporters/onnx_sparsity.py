@@ -43,11 +43,15 @@ def gemm_weights(path: Path) -> dict[str, np.ndarray]:
     return weights
 
 
-def nm_report(weights: dict[str, np.ndarray], n: int = 2, m: int = 4, only=("layers.",)) -> dict:
-    """Per pruned GEMM: groups checked and groups breaking N:M; the names of the failing ones."""
-    layers, failing = {}, []
+def nm_report(weights: dict[str, np.ndarray], n: int = 2, m: int = 4, only=("layers.",), skip=()) -> dict:
+    """Per pruned GEMM: groups checked and groups breaking N:M; the names of the failing ones.
+    GEMMs under a ``skip`` prefix (blocks kept dense on purpose) are counted, not checked."""
+    layers, failing, kept_dense = {}, [], 0
     for name, w in weights.items():
         if not any(name.startswith(p) for p in only):
+            continue
+        if any(name.startswith(p) for p in skip):
+            kept_dense += 1
             continue
         rows, cols = w.shape
         if cols % m:
@@ -57,5 +61,5 @@ def nm_report(weights: dict[str, np.ndarray], n: int = 2, m: int = 4, only=("lay
         layers[name] = {"groups": rows * (cols // m), "bad_groups": bad}
         if bad:
             failing.append(name)
-    return {"pattern": f"{n}:{m}", "checked": len(layers), "passed": bool(layers) and not failing,
-            "failing": failing, "layers": layers}
+    return {"pattern": f"{n}:{m}", "checked": len(layers), "kept_dense": kept_dense,
+            "passed": bool(layers) and not failing, "failing": failing, "layers": layers}

@@ -5,11 +5,20 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from prunekit.pruning.engine import InputStats
 from prunekit.pruning.masks import magnitude_mask, wanda_mask
 from prunekit.pruning.sparsegpt import sparsegpt_prune
+
+
+def relative_output_error(before: torch.Tensor, after: torch.Tensor, sumsq: torch.Tensor) -> float:
+    """‖(W − W')X‖² / ‖WX‖² with cross-channel terms dropped (Wanda's diagonal view: Σ ΔW²‖X_j‖²
+    over Σ W²‖X_j‖²): how much of the layer's output the pruning removed, comparable across layers."""
+    weights = sumsq.to(torch.float64)
+    lost = ((before.double() - after.double()) ** 2 * weights).sum()
+    return round(float(lost / (before.double() ** 2 * weights).sum().clamp(min=1e-30)), 6)
 
 
 @dataclass
@@ -26,9 +35,10 @@ class UnstructuredPruner:
 
     def prune_block(self, index: int, block: nn.Module, linears: dict[str, nn.Linear],
                     stats: dict[str, InputStats]) -> dict:
-        zeroed = {}
+        zeroed, errors = {}, {}
         for name, linear in linears.items():
             weight = linear.weight.data
+            before = weight.clone()
             if self.method == "wanda":
                 mask = wanda_mask(weight, stats[name].norm.to(weight.device), self.sparsity, self.n_m)
                 weight.mul_(mask)
@@ -43,7 +53,8 @@ class UnstructuredPruner:
             self._digest.update(f"{index}.{name}".encode())
             self._digest.update(mask.cpu().numpy().tobytes())
             zeroed[name] = round(1 - mask.float().mean().item(), 4)
-        return {"sparsity": zeroed}
+            errors[name] = relative_output_error(before, weight, stats[name].sumsq.to(weight.device))
+        return {"sparsity": zeroed, "error": errors}
 
     def mask_hash(self) -> str:
         """One hash over every mask, in order: equal hashes mean identical masks run to run."""

@@ -35,6 +35,7 @@ class ExportContext:
     dense: nn.Module | None = None
     int8_flavour: str = "weight-only"
     quiet: bool = False
+    dense_blocks: tuple[int, ...] = ()  # blocks an N:M plan kept dense on purpose (prunekit.pruning.partial)
 
 
 @dataclass

@@ -13,7 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Callable
 
-from prunekit.estimate import TWO_FOUR_STORED_FRACTION, estimate_latency, model_cost
+from prunekit.estimate import estimate_latency, model_cost, sparse_gemm_weights, sparse_stored_bytes
 from prunekit.evaluation import measure_quality
 from prunekit.progress import say
 from prunekit.search import Candidate
@@ -32,33 +32,25 @@ class EstimatedCandidates:
         self.timings: dict[str, float] = defaultdict(float)
         self.int4_comparison: list[dict] = []
 
-    def _peak(self, precision: str, sparse: bool) -> float:
-        rates = self.profile.sparse_peak_tflops if sparse and self.profile.sparse_peak_tflops else self.profile.peak_tflops
+    def _peak(self, precision: str) -> float:
+        rates = self.profile.peak_tflops
         return rates.get(precision, rates["fp16"])  # 4-bit and palettized weights compute in fp16
 
-    def _bytes(self, model, amount: float, precision: str) -> int:
-        stored = stored_bytes(model, precision)
-        if amount > 0 and self.profile.sparse_tensor_cores:
-            from prunekit.arch import block_linears, decoder_layers
-
-            bits = 8 if precision == "int8" else 16
-            gemm = sum(lin.weight.numel() for layer in decoder_layers(model)
-                       for lin in block_linears(model, layer).values())
-            stored -= int(gemm * bits / 8 * (1 - TWO_FOUR_STORED_FRACTION))
-        return stored
-
     def build(self, model, amount: float, precisions: tuple[str, ...], windows, dense) -> list[Candidate]:
+        """Sparse tensor cores (a TensorRT profile): the GEMMs that hold 2:4 are stored compressed
+        and their share of the linear FLOPs runs ``sparse_gemm_speedup`` faster, counted per layer
+        (a subset of blocks may be kept dense); the dense peak is the base rate."""
         start = time.perf_counter()
         out = []
-        sparse = amount > 0 and self.profile.sparse_tensor_cores
-        speedup = self.profile.sparse_gemm_speedup if sparse else 1.0
+        sparse_weights = sparse_gemm_weights(model) if amount > 0 and self.profile.sparse_tensor_cores else 0
         cost = model_cost(model)
         for precision in precisions:
             say(f"judging {precision} weights at amount {amount:g} in torch", self.quiet)
             q = measure_quality(rounded_copy(model, precision), windows, dense)
-            size = self._bytes(model, amount, precision)
-            estimate = estimate_latency(cost, size, self._peak(precision, sparse), self.profile.memory_bandwidth_gbs,
-                                        gemm_speedup=speedup)
+            size = sparse_stored_bytes(model, precision) if sparse_weights else stored_bytes(model, precision)
+            estimate = estimate_latency(cost, size, self._peak(precision), self.profile.memory_bandwidth_gbs,
+                                        gemm_speedup=self.profile.sparse_gemm_speedup if sparse_weights else 1.0,
+                                        sparse_flops_per_token=2 * sparse_weights)
             out.append(Candidate(amount, precision, ppl_increase=q.increase_pct, kl=q.kl, top1=q.top1,
                                  quality_by=QUALITY_BY, decode_ms=estimate["decode_ms"],
                                  prefill_ms=estimate["prefill_ms"], latency_basis="estimated", bytes=size,

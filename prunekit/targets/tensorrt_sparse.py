@@ -9,14 +9,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from prunekit.arch import block_linears, decoder_layers
 from prunekit.errors import PrunekitError
-from prunekit.estimate import TWO_FOUR_STORED_FRACTION, estimate_latency, model_cost
+from prunekit.estimate import estimate_latency, model_cost, sparse_gemm_weights, sparse_stored_bytes
 from prunekit.exporters.onnx import OnnxDecoder, export_verified, quantize_int8
 from prunekit.exporters.onnx_sparsity import gemm_weights, nm_report
 from prunekit.exporters.tensorrt import build_engine, tensorrt_available, write_build_script
 from prunekit.progress import say
 from prunekit.targets import ExportContext, ExportOutcome
+from prunekit.weight_rounding import stored_bytes
 
 
 def build(context: ExportContext) -> ExportOutcome:
@@ -25,6 +25,7 @@ def build(context: ExportContext) -> ExportOutcome:
     int8 = plan.precision == "int8"
     n_m = plan.pattern.n_m
     timings, checks = {}, {}
+    dense_blocks = tuple(f"layers.{i}." for i in context.dense_blocks)  # not pruned: not checked for N:M
     target = stage / "onnx"
     target.mkdir()
     with tempfile.TemporaryDirectory(prefix="prunekit-trt-") as scratch:
@@ -35,14 +36,14 @@ def build(context: ExportContext) -> ExportOutcome:
         timings["export_onnx"] = time.perf_counter() - start
         shipped = fp32
         if n_m:
-            checks["nm_after_export"] = nm_report(gemm_weights(fp32), *n_m)
+            checks["nm_after_export"] = nm_report(gemm_weights(fp32), *n_m, skip=dense_blocks)
         if int8:
             start = time.perf_counter()
             say("INT8 as explicit QDQ (per-channel weights, calibrated activations)", quiet)
             shipped = quantize_int8(fp32, Path(scratch) / "qdq" / "model.onnx", "qdq", calibration=list(context.calib_tokens[:8]))
             timings["quantize"] = time.perf_counter() - start
             if n_m:
-                checks["nm_after_int8"] = nm_report(gemm_weights(shipped), *n_m)
+                checks["nm_after_int8"] = nm_report(gemm_weights(shipped), *n_m, skip=dense_blocks)
         for file in shipped.parent.iterdir():
             shutil.copy2(file, target / file.name)
     for key in ("nm_after_export", "nm_after_int8"):
@@ -65,27 +66,23 @@ def build(context: ExportContext) -> ExportOutcome:
         print(f"note: no TensorRT engine here ({why}); wrote onnx/ and build_engine.sh", file=sys.stderr)
 
     precision = "int8" if int8 else "fp16"
-    weight_bytes_per_value = 1 if int8 else 2
     dense, cost = context.dense, model_cost(pruned)
-    params = sum(p.numel() for p in pruned.parameters())
-    two_four = plan.pattern.n_m == (2, 4)
-    speedup = profile.sparse_gemm_speedup if two_four and profile.sparse_tensor_cores else 1.0
-    # 2:4 GEMM weights are stored compressed (half the values plus 2-bit indices per kept value);
-    # embeddings, lm_head and norms stay dense.
-    sparse_params = sum(lin.weight.numel() for layer in decoder_layers(pruned)
-                        for lin in block_linears(pruned, layer).values()) if two_four else 0
-    stored = weight_bytes_per_value * ((params - sparse_params) + sparse_params * TWO_FOUR_STORED_FRACTION)
-    if dense is not None:
-        dense_cost, dense_bytes = model_cost(dense), sum(p.numel() for p in dense.parameters()) * weight_bytes_per_value
+    # the GEMMs that hold 2:4 are stored compressed and run faster, per layer (blocks kept dense
+    # stay dense); embeddings, lm_head and norms stay dense
+    sparse_weights = sparse_gemm_weights(pruned, n_m) if n_m == (2, 4) and profile.sparse_tensor_cores else 0
+    stored = sparse_stored_bytes(pruned, precision, n_m) if sparse_weights else stored_bytes(pruned, precision)
+    speedup = profile.sparse_gemm_speedup if sparse_weights else 1.0
     variants = []
     for batch in (1, 8):
         if dense is not None:
+            dense_bytes = stored_bytes(dense, precision)
             variants.append({"name": f"dense {precision} batch {batch}", "bytes": dense_bytes,
-                             **estimate_latency(dense_cost, dense_bytes, profile.peak_tflops[precision],
+                             **estimate_latency(model_cost(dense), dense_bytes, profile.peak_tflops[precision],
                                                 profile.memory_bandwidth_gbs, batch=batch)})
         variants.append({"name": f"pruned {plan.pattern} {precision} batch {batch}", "bytes": int(stored),
-                         **estimate_latency(cost, stored, profile.peak_tflops[precision],
-                                            profile.memory_bandwidth_gbs, gemm_speedup=speedup, batch=batch)})
+                         **estimate_latency(cost, stored, profile.peak_tflops[precision], profile.memory_bandwidth_gbs,
+                                            gemm_speedup=speedup, batch=batch,
+                                            sparse_flops_per_token=2 * sparse_weights)})
     latency = {"basis": "estimated", "device": profile.device_name, "precision": precision,
                "sparse_gemm_speedup": profile.sparse_gemm_speedup,
                "why": "no engine was timed here: GEMM-bound phases scaled by the profile's sparse speed-up, "
