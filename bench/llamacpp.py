@@ -2,11 +2,16 @@
 GGUF, beside prunekit's ONNX artifacts, timed in the same process, round-robin, same threads.
 
     pip install -c constraints.txt -e '.[bench]'     # llama-cpp-python (compiles llama.cpp, minutes)
+    # on a CPU with AMX (Sapphire Rapids and later), build without it: llama.cpp 0.3.36's AMX
+    # kernel crashed here (docs/toolchain.md):
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_VBMI=ON \
+      -DGGML_AVX512_BF16=ON -DGGML_AVX_VNNI=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF" \
+      pip install --no-cache-dir --force-reinstall --no-deps -c constraints.txt llama-cpp-python
     python bench/llamacpp.py --deployed prunekit-out/cpu-onnx [--rounds 5] [--ppl-windows 40]
 
 Rows: llama.cpp on the GGUF (Q4_1, the file prunekit dequantizes to fp32 as its dense reference),
-prunekit's dense fp32, dense INT8 and dense INT4 (activation-aware, prepared on 8 x 512 WikiText-2
-validation tokens; exported here), and the artifact a deploy shipped
+prunekit's dense fp32, dense INT8, dense INT4 and INT4-mixed (activation-aware, prepared on 8 x 512
+WikiText-2 validation tokens; exported here), and the artifact a deploy shipped
 (``--deployed``: its onnx/). Each row: prefill of a 128-token prompt, decode ms per token (median
 over rounds of the median step), and perplexity on the protocol's WikiText-2 windows with its
 change against the dense fp32 model in torch, all computed here. Run it alone.
@@ -31,6 +36,7 @@ from prunekit.activation_scaling import prepare_int4
 from prunekit.calibration import calibration_ids
 from prunekit.exporters.onnx import OnnxDecoder, export_onnx, onnx_bytes, onnx_logits, quantize_int4, quantize_int8
 from prunekit.models import default_gguf_path, load_model
+from prunekit.targets.cpu_onnx import INT4_PRECISIONS, eight_bit_names
 from prunekit.threads import usable_cores, use_usable_cores
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -79,11 +85,15 @@ def main():
     with tempfile.TemporaryDirectory() as scratch:
         fp32 = export_onnx(dense.model, Path(scratch) / "fp32" / "model.onnx")
         calib = calibration_ids(str(CALIB_FILE), dense.tokenizer, 8, 512, seed=0)
-        prepared = export_onnx(prepare_int4(dense.model, calib), Path(scratch) / "prepared" / "model.onnx")
         paths = {"prunekit dense fp32": fp32,
-                 "prunekit dense int8": quantize_int8(fp32, Path(scratch) / "int8" / "model.onnx"),
-                 "prunekit dense int4 (activation-aware)": quantize_int4(prepared, Path(scratch) / "int4" / "model.onnx"),
-                 f"prunekit shipped ({report['search']['selection']['chosen']})": args.deployed / "onnx" / "model.onnx"}
+                 "prunekit dense int8": quantize_int8(fp32, Path(scratch) / "int8" / "model.onnx")}
+        for precision in INT4_PRECISIONS:  # as deploy builds them (prunekit.targets.cpu_onnx)
+            torch_names, onnx_names = eight_bit_names(dense.model, precision)
+            prepared = export_onnx(prepare_int4(dense.model, calib, eight_bit=torch_names),
+                                   Path(scratch) / f"{precision}-prepared" / "model.onnx")
+            paths[f"prunekit dense {precision} (activation-aware)"] = quantize_int4(
+                prepared, Path(scratch) / precision / "model.onnx", eight_bit=onnx_names)
+        paths.update({f"prunekit shipped ({report['search']['selection']['chosen']})": args.deployed / "onnx" / "model.onnx"})
         runners = {f"llama.cpp {gguf.name}": LlamaCppDecoder(gguf, threads)}
         runners.update({name: OnnxDecoder(path, threads=threads) for name, path in paths.items()})
         sizes = {name: onnx_bytes(path) for name, path in paths.items()}

@@ -119,29 +119,55 @@ def _sample_inputs(model: nn.Module, modules: list[nn.Module], windows: torch.Te
 
 
 @torch.no_grad()
+def _prepare(model: nn.Module, windows: torch.Tensor, seed: int, eight_bit: tuple[str, ...],
+             clip_eight_bit: bool) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """The prepared copy, and the scaled, unclipped weight of every projection named in
+    ``eight_bit`` (by qualified name); those are clipped too when ``clip_eight_bit``."""
+    out = copy.deepcopy(model)
+    head = out.get_submodule(architecture_for(out.config).head)
+    head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+    named = {id(m): name for name, m in out.named_modules() if name.rsplit(".", 1)[-1] in eight_bit}
+    unclipped: dict[str, torch.Tensor] = {}
+    groups = _groups(out)
+    grouped = {id(c) for _, _, consumers in groups for c in consumers}
+    alone = [m for m in out.modules() if isinstance(m, nn.Linear) and id(m) not in grouped]  # o_proj
+    inputs = _sample_inputs(out, [consumers[0] for _, _, consumers in groups] + alone, windows, TOKENS, seed)
+
+    def settle(linear: nn.Linear, weight: torch.Tensor, importance: torch.Tensor):
+        if id(linear) in named:
+            unclipped[named[id(linear)]] = weight.to(linear.weight.dtype, copy=True)  # weight may alias it
+            if not clip_eight_bit:
+                linear.weight.copy_(weight.to(linear.weight.dtype))
+                return
+        linear.weight.copy_(clip_blocks(weight, importance).to(linear.weight.dtype))
+
+    for (kind, producer, consumers), x in zip(groups, inputs):
+        s = channel_scale([c.weight.float() for c in consumers], x)
+        producer.weight.div_((s if kind == "norm" else s[:, None]).to(producer.weight.dtype))
+        importance = (x / s).pow(2).mean(0)
+        for consumer in consumers:
+            settle(consumer, consumer.weight.float() * s, importance)
+    for linear, x in zip(alone, inputs[len(groups):]):  # no producer that could absorb a scale: clipped only
+        settle(linear, linear.weight.float(), x.pow(2).mean(0))
+    return out, unclipped
+
+
 def prepare_int4(model: nn.Module, windows: torch.Tensor, seed: int = 0, eight_bit: tuple[str, ...] = ()) -> nn.Module:
     """A copy of ``model`` (lm_head untied) that computes the same function in float, with every
     projection scaled and clipped for symmetric 4-bit round-to-nearest; ``windows`` are
     calibration token windows, never selection or evaluation text. Projections named in
     ``eight_bit`` (module names, e.g. "lm_head", "down_proj") will be rounded to 8 bits: they are
     scaled with their group but not clipped, since clipping for a 4-bit grid only loses at 8 bits."""
-    out = copy.deepcopy(model)
-    head = out.get_submodule(architecture_for(out.config).head)
-    head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
-    unclipped = {id(m) for name, m in out.named_modules() if name.rsplit(".", 1)[-1] in eight_bit}
-    groups = _groups(out)
-    grouped = {id(c) for _, _, consumers in groups for c in consumers}
-    alone = [m for m in out.modules() if isinstance(m, nn.Linear) and id(m) not in grouped]  # o_proj
-    inputs = _sample_inputs(out, [consumers[0] for _, _, consumers in groups] + alone, windows, TOKENS, seed)
-    for (kind, producer, consumers), x in zip(groups, inputs):
-        s = channel_scale([c.weight.float() for c in consumers], x)
-        producer.weight.div_((s if kind == "norm" else s[:, None]).to(producer.weight.dtype))
-        importance = (x / s).pow(2).mean(0)
-        for consumer in consumers:
-            scaled = consumer.weight.float() * s
-            consumer.weight.copy_((scaled if id(consumer) in unclipped else clip_blocks(scaled, importance))
-                                  .to(consumer.weight.dtype))
-    for linear, x in zip(alone, inputs[len(groups):]):  # no producer that could absorb a scale: clipped only
-        if id(linear) not in unclipped:
-            linear.weight.copy_(clip_blocks(linear.weight.float(), x.pow(2).mean(0)).to(linear.weight.dtype))
-    return out
+    return _prepare(model, windows, seed, eight_bit, clip_eight_bit=False)[0]
+
+
+def prepare_int4_pair(model: nn.Module, windows: torch.Tensor, seed: int = 0,
+                      eight_bit: tuple[str, ...] = ()) -> tuple[nn.Module, nn.Module]:
+    """``prepare_int4`` for every projection at 4 bits and for ``eight_bit`` kept at 8, from one
+    preparation: the two copies differ only in those projections' weights (clipped or not)."""
+    four, unclipped = _prepare(model, windows, seed, eight_bit, clip_eight_bit=True)
+    mixed = copy.deepcopy(four)
+    with torch.no_grad():
+        for name, weight in unclipped.items():
+            mixed.get_submodule(name).weight.copy_(weight)
+    return four, mixed

@@ -121,3 +121,34 @@ def test_mixed_int4_keeps_the_named_matmuls_at_8_bits(tmp_path):
         bits = {n.output[0]: next(a.i for a in n.attribute if a.name == "bits") for n in out.graph.node
                 if n.op_type == "MatMulNBits"}
         assert bits == {"hidden": 4, "logits": head_bits}
+
+
+def test_one_preparation_serves_int4_and_int4_mixed():
+    from prunekit.activation_scaling import prepare_int4_pair
+
+    model, windows = _model(), _windows()
+    four, mixed = prepare_int4_pair(model, windows, eight_bit=("o_proj",))
+    alone = prepare_int4(model, windows, eight_bit=("o_proj",))
+    for (name, a), (_, b), (_, c) in zip(four.named_parameters(), mixed.named_parameters(), alone.named_parameters()):
+        assert torch.equal(b, c), name  # the mixed copy is what prepare_int4 makes for it
+        assert torch.equal(a, b) != name.endswith("o_proj.weight"), name  # only o_proj differs
+
+
+def test_export_with_weights_matches_a_full_export(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from prunekit.activation_scaling import prepare_int4_pair
+    from prunekit.exporters.onnx import OnnxDecoder, export_onnx, export_with_weights
+
+    model, windows = _model(), _windows()
+    four, mixed = prepare_int4_pair(model, windows, eight_bit=("lm_head", "down_proj"))
+    src = export_onnx(four, tmp_path / "four" / "model.onnx")
+    swapped = export_with_weights(src, tmp_path / "mixed" / "model.onnx", four, mixed)
+    full = export_onnx(mixed, tmp_path / "full" / "model.onnx")
+    def logits(path):
+        runner = OnnxDecoder(path)
+        return runner.step(windows[:1].numpy(), runner.empty_cache())[0]
+
+    results = [logits(p) for p in (swapped, full, src)]
+    assert np.array_equal(results[0], results[1]) and not np.allclose(results[0], results[2])
+    with pytest.raises(LookupError):
+        export_with_weights(src, tmp_path / "none" / "model.onnx", model, mixed)  # src does not hold model's

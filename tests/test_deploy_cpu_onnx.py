@@ -47,6 +47,9 @@ def test_budgeted_deploy_ships_the_fastest_candidate_within_budget(tiny_folder, 
     assert chosen["within_budget"] and chosen["decode_ms"] == min(c["decode_ms"] for c in fits)
     assert (report["sparsity"], report["precision"]) == (chosen["amount"], chosen["precision"])
     assert {q["quantizer"] for q in search["int4_quantizers"]} == {"rtn-symmetric", "activation-aware"}
+    checks = report["export"]["checks"]
+    assert checks["export 0 int4-mixed"]["from"] == "export 0 int4"  # one preparation, weights swapped
+    assert checks["export 0 int4-mixed"]["passed"]
     # FASP at 0.1 keeps all 96 channels at a multiple of 32: that amount is skipped and says why
     assert any(c["status"] == "skipped" and "keeps all" in c["why"] for c in search["candidates"])
     assert report["export"]["status"] == "written" and report["export"]["checks"]["shipped"]["kv_cache_io"]

@@ -18,12 +18,13 @@ from pathlib import Path
 
 import torch
 
-from prunekit.activation_scaling import prepare_int4
+from prunekit.activation_scaling import prepare_int4, prepare_int4_pair
 from prunekit.arch import architecture_for
 from prunekit.evaluation import measure_qualities
 from prunekit.exporters.latency import measure_in_subprocess
-from prunekit.exporters.onnx import (OnnxDecoder, export_verified, onnx_bytes, onnx_logits, quantize_int4,
-                                     quantize_int8)
+from prunekit.errors import PrunekitError
+from prunekit.exporters.onnx import (OnnxDecoder, export_verified, export_with_weights, onnx_bytes, onnx_logits,
+                                     quantize_int4, quantize_int8, verify_export)
 from prunekit.progress import say
 from prunekit.search import BUILT, Candidate
 from prunekit.targets import ExportOutcome
@@ -32,7 +33,7 @@ INT4_QUANTIZERS = ("rtn-symmetric", "activation-aware")
 INT4_PRECISIONS = ("int4", "int4-mixed")
 
 
-def _eight_bit(model, precision: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def eight_bit_names(model, precision: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """The projections ``precision`` keeps at 8 bits: (torch module names, ONNX names: "logits" is
     the exported graph's head)."""
     if precision == "int4":
@@ -70,9 +71,13 @@ class OnnxCandidates:
         fp32, self.checks[f"export {amount:g}"] = export_verified(model, folder / "fp32" / "model.onnx", self.probe)
         self.timings["export_onnx"] += time.perf_counter() - start
         judged = {}  # precision -> (path, quality) already measured
-        first_int4 = next((p for p in precisions if p in INT4_PRECISIONS), None)
-        if first_int4 and self.int4_quantizer is None and dense is not None:
-            judged[first_int4] = self._choose_int4(model, amount, fp32, folder, windows, dense, first_int4)
+        int4s = tuple(p for p in precisions if p in INT4_PRECISIONS)
+        compare = bool(int4s) and self.int4_quantizer is None and dense is not None and bool(self.calibration)
+        quantizer = self.int4_quantizer or ("activation-aware" if self.calibration else "rtn-symmetric")
+        prepared = self._prepared(model, amount, folder, int4s) if compare or (
+            int4s and quantizer == "activation-aware") else {}
+        if compare:
+            judged[int4s[0]] = self._choose_int4(model, amount, fp32, prepared, folder, windows, dense, int4s[0])
         paths = {}
         for precision in precisions:
             if precision in judged:
@@ -80,14 +85,17 @@ class OnnxCandidates:
             elif precision == "fp32":
                 paths[precision] = fp32
             elif precision in INT4_PRECISIONS:
-                paths[precision] = self._int4(model, amount, fp32, folder, precision, self.int4_quantizer or (
-                    "activation-aware" if self.calibration else "rtn-symmetric"))
+                used = self.int4_quantizer or quantizer
+                paths[precision] = self._int4(model, amount, prepared.get(precision) if used == "activation-aware"
+                                              else fp32, folder, precision, used)
             else:
                 start = time.perf_counter()
                 say(f"quantizing to {precision}", self.quiet)
                 paths[precision] = quantize_int8(fp32, folder / precision / "model.onnx", self.int8_flavour,
                                                  calibration=self.calibration)
                 self.timings["quantize"] += time.perf_counter() - start
+        for path in prepared.values():
+            shutil.rmtree(path.parent)
         to_judge = {p: path for p, path in paths.items() if p not in judged}
         qualities = self._quality(to_judge, windows, dense) if dense is not None else {}
         qualities.update({p: quality for p, (_, quality) in judged.items()})
@@ -110,35 +118,62 @@ class OnnxCandidates:
             sessions.clear()  # close the sessions: their threads must not share the cores with timing
             self.timings["judge"] += time.perf_counter() - start
 
+    def _prepared(self, model, amount: float, folder: Path, precisions: tuple[str, ...]) -> dict[str, Path]:
+        """Float exports of the model prepared for each 4-bit precision (prunekit.activation_scaling),
+        verified. One preparation serves both: int4-mixed differs from int4 only in the projections
+        it keeps at 8 bits (not clipped), so its export is int4's with those weights replaced."""
+        start = time.perf_counter()
+        say(f"preparing the {'dense' if amount == 0 else f'{amount:g}-pruned'} model for "
+            f"{' and '.join(precisions)}", self.quiet)
+        windows = torch.stack(list(self.calibration))
+        if len(precisions) == 1:
+            models = {precisions[0]: prepare_int4(model, windows, eight_bit=eight_bit_names(model, precisions[0])[0])}
+        else:
+            models = dict(zip(INT4_PRECISIONS, prepare_int4_pair(model, windows,
+                                                                 eight_bit=eight_bit_names(model, "int4-mixed")[0])))
+        self.timings["prepare_int4"] += time.perf_counter() - start
+        start = time.perf_counter()
+        paths: dict[str, Path] = {}
+        for precision in precisions:
+            path = folder / f"{precision}-prepared" / "model.onnx"
+            if paths:  # the first precision's export with this one's weights, checked like an export
+                first = next(iter(paths))
+                try:
+                    export_with_weights(paths[first], path, models[first], models[precision])
+                except LookupError:  # a weight the graph does not hold as one initializer
+                    pass
+                else:
+                    checks = verify_export(path, models[precision], self.probe)
+                    self.checks[f"export {amount:g} {precision}"] = {**checks, "from": f"export {amount:g} {first}"}
+                    if not checks["passed"]:
+                        raise PrunekitError(f"the ONNX export prepared for {precision} does not match PyTorch: "
+                                            f"{checks} (a prunekit bug, please report)")
+                    paths[precision] = path
+                    continue
+            paths[precision], self.checks[f"export {amount:g} {precision}"] = export_verified(
+                models[precision], path, self.probe)
+        self.timings["export_onnx"] += time.perf_counter() - start
+        return paths
+
     def _int4(self, model, amount: float, fp32: Path, folder: Path, precision: str, quantizer: str) -> Path:
-        """The amount's ``precision`` (INT4_PRECISIONS) artifact by ``quantizer`` (INT4_QUANTIZERS)."""
+        """The amount's ``precision`` (INT4_PRECISIONS) artifact by ``quantizer`` (INT4_QUANTIZERS),
+        from ``fp32``: the plain export for round-to-nearest, the prepared one otherwise."""
         start = time.perf_counter()
         say(f"quantizing to {precision} ({quantizer})", self.quiet)
         self.int4_used[amount] = quantizer
-        torch_names, onnx_names = _eight_bit(model, precision)
-        if quantizer == "activation-aware":
-            prepared = prepare_int4(model, torch.stack(list(self.calibration)), eight_bit=torch_names)
-            self.timings["prepare_int4"] += time.perf_counter() - start
-            start = time.perf_counter()
-            say(f"exporting the model prepared for {precision}", self.quiet)
-            fp32, self.checks[f"export {amount:g} {precision}"] = export_verified(
-                prepared, folder / f"{precision}-prepared" / "model.onnx", self.probe)
-            del prepared
-            self.timings["export_onnx"] += time.perf_counter() - start
-            start = time.perf_counter()
-        path = quantize_int4(fp32, folder / f"{precision}-{quantizer}" / "model.onnx", eight_bit=onnx_names)
-        if quantizer == "activation-aware":
-            shutil.rmtree(fp32.parent)
+        path = quantize_int4(fp32, folder / f"{precision}-{quantizer}" / "model.onnx",
+                             eight_bit=eight_bit_names(model, precision)[1])
         self.timings["quantize"] += time.perf_counter() - start
         return path
 
-    def _choose_int4(self, model, amount: float, fp32: Path, folder: Path, windows, dense, precision: str) -> tuple:
+    def _choose_int4(self, model, amount: float, fp32: Path, prepared: dict, folder: Path, windows, dense,
+                     precision: str) -> tuple:
         """Both 4-bit quantizers, compared at ``precision`` on the first amount's selection tokens;
         the one with the least perplexity increase (what the budget judges) quantizes every amount
         and 4-bit precision."""
-        quantizers = INT4_QUANTIZERS if self.calibration else INT4_QUANTIZERS[:1]
-        say(f"comparing 4-bit quantizers ({', '.join(quantizers)})", self.quiet)
-        paths = {q: self._int4(model, amount, fp32, folder, precision, q) for q in quantizers}
+        say(f"comparing 4-bit quantizers ({', '.join(INT4_QUANTIZERS)})", self.quiet)
+        sources = {"rtn-symmetric": fp32, "activation-aware": prepared[precision]}
+        paths = {q: self._int4(model, amount, sources[q], folder, precision, q) for q in INT4_QUANTIZERS}
         qualities = self._quality(paths, windows, dense)
         self.int4_comparison = [{"quantizer": q, "precision": precision, "ppl_increase": qualities[q].increase_pct,
                                  "kl": qualities[q].kl, "top1": qualities[q].top1} for q in paths]
