@@ -73,7 +73,7 @@ def run_deploy(args: list[str]) -> dict:
             "candidates": report and [{k: c.get(k) for k in ("name", "status", "ppl_increase", "decode_ms",
                                                              "prefill_ms", "bytes", "within_budget")}
                                       for c in report["search"]["candidates"]],
-            "stages": report and report.get("timings"), "stderr_tail": stderr[-500:] if proc.returncode else ""}
+            "shipped_quality": report and report["quality"], "stages": report and report.get("timings"), "stderr_tail": stderr[-500:] if proc.returncode else ""}
 
 
 def main():

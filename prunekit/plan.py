@@ -171,7 +171,7 @@ PRECISION_REASONS = {
     "int4": "4-bit block-wise weights quarter the bytes moved per token",
     "int4-mixed": "4-bit block-wise weights, the output head and the MLP's down projection at 8 "
                   "bits: the most sensitive projections keep their quality, as in llama.cpp's Q4_K_M",
-    "palette4": "4-bit palettized weights (16 shared values per tensor): a quarter of the bytes"}
+    "palette4": "4-bit palettized weights (16 shared values per group of 32 channels): a quarter of the bytes"}
 
 
 def make_plan(profile: Profile, method: str | None = None, pattern: str | Pattern | None = None,

@@ -4,9 +4,10 @@ torch on these weights, and the report says so.
 
 The arithmetic is the converters': INT8 symmetric per output channel in [-127, 127]; INT4
 symmetric per block of 32 inputs in [-7, 7] (a tensor
-whose inputs are not whole blocks stays fp16, as coremltools leaves it); 4-bit palettization as optimal 1-D k-means (16
-values per tensor) over the fp16 weights, coremltools' own routine (its bundled kmeans1d); every result
-is then held in fp16, as the package computes. Activation rounding (fp16, or TensorRT's INT8
+whose inputs are not whole blocks stays fp16, as coremltools leaves it); 4-bit palettization as
+optimal 1-D k-means (16 values per group of 32 output channels) over the fp16 weights, with the
+LUT function the Core ML exporter hands coremltools (``palette_lut``); every result is then held
+in fp16, as the package computes. Activation rounding (fp16, or TensorRT's INT8
 activations) is not emulated.
 """
 
@@ -14,11 +15,13 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import torch
 from torch import nn
 
 BLOCK = 32
 PALETTE_MIN_VALUES = 10_000  # prunekit.exporters.coreml leaves smaller tensors in fp16
+PALETTE_GROUP = 32  # output channels sharing one 16-value palette (Core ML per-grouped-channel LUT, iOS 18)
 
 
 def round_tensor(weight: torch.Tensor, precision: str) -> torch.Tensor:
@@ -47,16 +50,35 @@ def _symmetric(w: torch.Tensor, amax: torch.Tensor, levels: int) -> torch.Tensor
     return (w / scale).round().clamp(-levels, levels) * scale
 
 
-def _palettize(w: torch.Tensor, clusters: int) -> torch.Tensor:
-    from coremltools._deps import _kmeans1d as kmeans1d  # the optimal 1-D k-means coremltools palettizes with
+def palette_lut(values: np.ndarray, clusters: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """One palette: the optimal 1-D k-means of ``values`` (each distinct value weighted by its count,
+    coremltools' bundled kmeans1d, as its own kmeans1d path does), as (``clusters`` centroids, zero
+    padded, in ``values``' dtype; the index of every value, flat). The Core ML exporter passes this
+    to coremltools as its LUT function, so the emulation and the package cluster alike, and no
+    group falls to coremltools' scikit-learn path (used under 10,000 values, and not installed)."""
+    from coremltools._deps import _kmeans1d as kmeans1d
 
-    values, inverse, counts = torch.unique(w.flatten(), return_inverse=True, return_counts=True)
-    if values.numel() <= clusters:
+    distinct, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    lut = np.zeros(clusters, dtype=values.dtype)
+    n = min(len(distinct), clusters)
+    result = kmeans1d.cluster(distinct.astype(np.float64), n, weights=counts)
+    lut[:n] = result.centroids
+    return lut, np.asarray(result.clusters, dtype=np.uint8)[inverse.reshape(-1)]
+
+
+def _palettize(w: torch.Tensor, clusters: int) -> torch.Tensor:
+    """Per group of PALETTE_GROUP rows (output channels); a tensor whose rows are not whole groups
+    stays as it is (coremltools skips it)."""
+    rows = w.shape[0]
+    if rows % PALETTE_GROUP:
         return w
-    result = kmeans1d.cluster(values.float().tolist(), clusters, weights=counts.tolist())
-    centroids = torch.tensor(result.centroids, dtype=torch.float32).half()
-    assignment = torch.tensor(result.clusters, dtype=torch.long)
-    return centroids[assignment][inverse].reshape(w.shape)
+    out = np.empty(w.shape, dtype=np.float16)
+    array = w.numpy()
+    for first in range(0, rows, PALETTE_GROUP):
+        group = array[first:first + PALETTE_GROUP]
+        lut, indices = palette_lut(group, clusters)
+        out[first:first + PALETTE_GROUP] = lut[indices].reshape(group.shape)
+    return torch.from_numpy(out)
 
 
 @torch.no_grad()
@@ -83,7 +105,8 @@ def stored_bytes(model: nn.Module, precision: str, untied_head: bool = True) -> 
             continue
         seen.add(id(module.weight))
         rows, cols = module.weight.shape
-        scales = {"int8": rows, "int4": rows * -(-cols // BLOCK), "palette4": 16}.get(precision, 0)
+        scales = {"int8": rows, "int4": rows * -(-cols // BLOCK), "palette4": 16 * -(-rows // PALETTE_GROUP)
+                  }.get(precision, 0)
         total += rows * cols * bits // 8 + 2 * scales
     others = sum(p.numel() for name, p in model.named_parameters() if p.dim() < 2)
     float_bytes = 4 if precision == "fp32" else 2

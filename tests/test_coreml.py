@@ -54,12 +54,13 @@ def test_four_bit_packages_pass_the_package_checks(packages, precision, ops):
     assert info[ops] >= 1  # tiny model: int4 needs whole blocks of 32 inputs, palette4 10,000 values
     assert check_package(info, 4, precision=precision)["passed"]
     assert not check_package(info, 4, precision="fp16")["passed"]
-    # the torch emulation of the package's weights keeps at most 16 values per tensor (palette) or
-    # 15 levels per block of 32 (int4)
+    # the torch emulation of the package's weights keeps at most 16 values per group of 32 rows
+    # (palette) or 15 levels per block of 32 (int4)
     weight = model.model.embed_tokens.weight if precision == "palette4" else model.model.layers[0].mlp.down_proj.weight
     rounded = round_tensor(weight, precision)
     if precision == "palette4":
-        assert rounded.unique().numel() <= 16
+        assert all(group.unique().numel() <= 16 for group in rounded.reshape(-1, 32, rounded.shape[1]))
+        assert rounded.unique().numel() > 16  # one palette per group, not per tensor
     else:
         assert all(block.unique().numel() <= 15 for block in rounded.reshape(-1, 32))
 
@@ -154,3 +155,16 @@ def test_missing_coremltools_names_the_extra(monkeypatch):
     with pytest.raises(MissingExtraError) as info:
         coreml._coremltools()
     assert "pip install 'prunekit[coreml]'" in str(info.value)
+
+
+def test_palette_lut_is_coremltools_kmeans1d():
+    import numpy as np
+    from coremltools.models.neural_network.quantization_utils import _get_kmeans_lookup_table_and_weight
+
+    from prunekit.weight_rounding import palette_lut
+
+    values = (np.random.default_rng(0).standard_normal((32, 400)) ** 3).astype(np.float16)  # 12,800 values
+    lut, indices = palette_lut(values)
+    reference_lut, reference_indices = _get_kmeans_lookup_table_and_weight(4, values, force_kmeans1d=True)
+    assert np.array_equal(lut, reference_lut.astype(np.float16))
+    assert np.array_equal(indices, np.asarray(reference_indices).reshape(-1))
