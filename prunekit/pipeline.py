@@ -118,7 +118,7 @@ def deploy(target: str, model: str | None = None, out: str | Path | None = None,
     from prunekit.checkpoint import save_checkpoint
     from prunekit.exporters.latency import peak_rss_gb
     from prunekit.report import SCHEMA, artifact_list, hardware, versions, write_report
-    from prunekit.search import Selection, explore, select, selection_split
+    from prunekit.search import Selection, explore, select, selection_count, selection_split
     from prunekit.targets import ExportContext, candidate_builder
     from prunekit.threads import use_usable_cores
 
@@ -148,7 +148,8 @@ def deploy(target: str, model: str | None = None, out: str | Path | None = None,
         _announce_self_calibration(calibration, quiet)
         start = time.perf_counter()
         calib_ids = calibration_ids(calibration.source, loaded.tokenizer, calibration.samples, calibration.seqlen,
-                                    calibration.seed, model=dense, progress=not quiet)
+                                    calibration.seed, model=dense, progress=not quiet,
+                                    held_out=selection_count(calibration.samples))
         fit_ids, selection_ids = selection_split(calib_ids)
         timings["calibrate"] = time.perf_counter() - start
 
@@ -220,7 +221,10 @@ def deploy(target: str, model: str | None = None, out: str | Path | None = None,
                         if result is not None else {"check": None, "note": "no pruning was chosen"}),
             "search": {"space": plan.search and plan.search.as_dict(), "budget": budget.as_dict(),
                        "selected_on": f"{selection_ids.shape[0]} held-out calibration samples x "
-                                      f"{selection_ids.shape[1]} tokens (never the evaluation text)",
+                                      f"{selection_ids.shape[1]} tokens ("
+                                      + ("self-generated" if calibration.source == "self" else
+                                         "from the end of the calibration text, apart from the fitted ones")
+                                      + "; never the evaluation text)",
                        "selection": selection.as_dict(), "screen": explored.screen,
                        "int4_quantizers": builder.int4_comparison,
                        "candidates": [c.as_dict() for c in explored.candidates]},

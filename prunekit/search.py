@@ -109,14 +109,18 @@ def _versus(chosen: Candidate, other: Candidate, objective: str) -> str:
     return ""
 
 
-def selection_split(calib_ids, fraction: float = 0.125, minimum: int = 2):
-    """(fit, selection): the last samples of the calibration tokens are held out for choosing among
-    candidates and never pruned or quantized on; at least ``minimum`` of them, at most half."""
-    total = calib_ids.shape[0]
-    if total < 2:
-        return calib_ids, calib_ids[:0]
-    held = min(max(minimum, round(total * fraction)), total // 2)
-    return calib_ids[: total - held], calib_ids[total - held:]
+def selection_count(total: int, fraction: float = 0.125, minimum: int = 2) -> int:
+    """How many of ``total`` calibration samples are held out for selection: at least ``minimum``,
+    at most half (none of fewer than 2)."""
+    return 0 if total < 2 else min(max(minimum, round(total * fraction)), total // 2)
+
+
+def selection_split(calib_ids):
+    """(fit, selection): the last ``selection_count`` samples of the calibration tokens are held
+    out for choosing among candidates and never pruned or quantized on (prunekit.calibration
+    draws them from the end of the text, apart from the others)."""
+    held = selection_count(calib_ids.shape[0])
+    return calib_ids[: calib_ids.shape[0] - held], calib_ids[calib_ids.shape[0] - held:]
 
 
 @dataclass

@@ -103,3 +103,21 @@ def test_selection_tokens_are_held_out_of_the_fit_tokens():
     assert not set(fit.flatten().tolist()) & set(held.flatten().tolist())
     fit, held = selection_split(ids[:4])
     assert fit.shape[0] == 2 and held.shape[0] == 2
+
+
+def test_held_out_calibration_windows_come_from_the_end_of_the_text(tmp_path, tokenizer):
+    import torch
+
+    from prunekit.calibration import calibration_ids
+
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(f"word{i}" for i in range(4000)))
+    stream = tokenizer(text.read_text(), return_tensors="pt", add_special_tokens=False).input_ids[0]
+    ids = calibration_ids(str(text), tokenizer, 16, 32, seed=0, held_out=2)
+    cut = stream.numel() * 14 // 16
+    position = {tuple(stream[i:i + 32].tolist()): i for i in range(stream.numel() - 31)}
+    starts = [position[tuple(w.tolist())] for w in ids]
+    assert all(s + 32 <= cut for s in starts[:14]) and all(s >= cut for s in starts[14:])
+    assert torch.equal(ids, calibration_ids(str(text), tokenizer, 16, 32, seed=0, held_out=2))  # seeded
+    short = calibration_ids(str(text), tokenizer, stream.numel() // 32, 32, seed=0, held_out=2)
+    assert short.shape[0] == stream.numel() // 32  # too short to split: sampled as one
