@@ -1,10 +1,11 @@
 """How well the deploy's selection tokens predict a pruned model's loss on other text.
 
-    python bench/selection_gap.py [--amount 0.1] [--out docs/results/selection-gap.json]
+    python bench/selection_gap.py [--amount 0.1] [--split disjoint|interleaved] [--out FILE]
 
 Calibration as `deploy --target cpu-onnx --calib wiki.valid.tokens` takes it (64 x 256 WikiText-2
-validation windows, seed 0; the last 8 held out for selection), FASP at ``--amount`` with the
-profile's options on the other 56; then the pruned float model's perplexity change against dense,
+validation windows, seed 0; the last 8 held out for selection: drawn from the end of the text,
+apart from the others, as deploy does now, or with ``--split interleaved`` from anywhere, as it did
+before), FASP at ``--amount`` with the profile's options on the other 56; then the pruned float model's perplexity change against dense,
 in torch, on: the deploy's selection windows; random validation windows of 256 and 1024 tokens;
 windows from the last eighth of the validation text; and the first WikiText-2 test windows (the
 evaluation text: measured here to size the gap, never used to choose anything). Run it alone.
@@ -26,7 +27,7 @@ from prunekit.models import LoadedModel, load_model
 from prunekit.plan import make_plan
 from prunekit.profile import load_profile
 from prunekit.pruning.run import prune
-from prunekit.search import selection_split
+from prunekit.search import selection_count, selection_split
 from prunekit.textsources import read_text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -36,12 +37,14 @@ from protocol import CALIB_FILE, EVAL_FILE  # noqa: E402
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--amount", type=float, default=0.1)
-    parser.add_argument("--out", type=Path, default=Path("docs/results/selection-gap.json"))
+    parser.add_argument("--split", choices=("disjoint", "interleaved"), default="disjoint")
+    parser.add_argument("--out", type=Path, default=None, help="default: docs/results/selection-gap-SPLIT.json")
     args = parser.parse_args()
     torch.manual_seed(0)
     dense = load_model()
     tokenizer = dense.tokenizer
-    fit, selection = selection_split(calibration_ids(str(CALIB_FILE), tokenizer, 64, 256, seed=0))
+    held_out = selection_count(64) if args.split == "disjoint" else 0
+    fit, selection = selection_split(calibration_ids(str(CALIB_FILE), tokenizer, 64, 256, seed=0, held_out=held_out))
     plan = make_plan(load_profile("cpu-onnx"), sparsity=args.amount, precision="fp32")
     pruned = prune(LoadedModel(copy.deepcopy(dense.model), tokenizer, "default"), plan.method, args.amount,
                    plan.pattern, calib_ids=fit, progress=False, **plan.pruner_options()).model
@@ -61,8 +64,10 @@ def main():
         q = measure_qualities({"pruned": pruned}, windows, dense.model)["pruned"]
         rows.append({"windows": name, "ppl_change_pct": q.increase_pct, "kl": q.kl, "top1": q.top1})
         print(f"| {name} | {q.increase_pct:+.1f}% | {q.kl:.4f} |", flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"amount": args.amount, "method": plan.method, "rows": rows}, indent=1) + "\n")
+    out = args.out or Path(f"docs/results/selection-gap-{args.split}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"amount": args.amount, "method": plan.method, "split": args.split, "rows": rows},
+                              indent=1) + "\n")
 
 
 if __name__ == "__main__":
