@@ -121,8 +121,9 @@ def _sample_inputs(model: nn.Module, modules: list[nn.Module], windows: torch.Te
 @torch.no_grad()
 def _prepare(model: nn.Module, windows: torch.Tensor, seed: int, eight_bit: tuple[str, ...],
              clip_eight_bit: bool) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """The prepared copy, and the scaled, unclipped weight of every projection named in
-    ``eight_bit`` (by qualified name); those are clipped too when ``clip_eight_bit``."""
+    """The prepared copy. Projections named in ``eight_bit`` stay unclipped, or with
+    ``clip_eight_bit`` are clipped like the rest and their scaled, unclipped weights returned too
+    (by qualified name)."""
     out = copy.deepcopy(model)
     head = out.get_submodule(architecture_for(out.config).head)
     head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
@@ -134,11 +135,11 @@ def _prepare(model: nn.Module, windows: torch.Tensor, seed: int, eight_bit: tupl
     inputs = _sample_inputs(out, [consumers[0] for _, _, consumers in groups] + alone, windows, TOKENS, seed)
 
     def settle(linear: nn.Linear, weight: torch.Tensor, importance: torch.Tensor):
+        if id(linear) in named and not clip_eight_bit:
+            linear.weight.copy_(weight.to(linear.weight.dtype))
+            return
         if id(linear) in named:
             unclipped[named[id(linear)]] = weight.to(linear.weight.dtype, copy=True)  # weight may alias it
-            if not clip_eight_bit:
-                linear.weight.copy_(weight.to(linear.weight.dtype))
-                return
         linear.weight.copy_(clip_blocks(weight, importance).to(linear.weight.dtype))
 
     for (kind, producer, consumers), x in zip(groups, inputs):

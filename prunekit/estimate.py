@@ -64,13 +64,13 @@ def sparse_gemm_weights(model, n_m: tuple[int, int] = (2, 4)) -> int:
     return sum(r.shape[0] * r.shape[1] for r in check_model(model, n_m) if r.nm_ok and r.sparsity > 0)
 
 
-def sparse_stored_bytes(model, precision: str, n_m: tuple[int, int] = (2, 4)) -> int:
-    """Bytes of the weights at ``precision`` (prunekit.weight_rounding.stored_bytes), with the
-    ``n_m``-sparse GEMM weights stored compressed (TWO_FOUR_STORED_FRACTION of their values)."""
-    from prunekit.weight_rounding import stored_bytes
+def sparse_stored_bytes(model, precision: str, sparse_weights: int) -> int:
+    """Bytes of the weights at ``precision`` (prunekit.weight_rounding.stored_bytes), with
+    ``sparse_weights`` of them (``sparse_gemm_weights``) stored compressed at
+    TWO_FOUR_STORED_FRACTION of their values."""
+    from prunekit.weight_rounding import PRECISION_BITS, stored_bytes
 
-    bits = {"int8": 8, "fp32": 32}.get(precision, 16)
-    return stored_bytes(model, precision) - int(sparse_gemm_weights(model, n_m) * bits / 8
+    return stored_bytes(model, precision) - int(sparse_weights * PRECISION_BITS[precision] / 8
                                                 * (1 - TWO_FOUR_STORED_FRACTION))
 
 

@@ -21,6 +21,7 @@ from torch import nn
 
 BLOCK = 32
 PALETTE_MIN_VALUES = 10_000  # prunekit.exporters.coreml leaves smaller tensors in fp16
+PRECISION_BITS = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4, "palette4": 4}
 PALETTE_GROUP = 32  # output channels sharing one 16-value palette (Core ML per-grouped-channel LUT, iOS 18)
 
 
@@ -97,7 +98,7 @@ def stored_bytes(model: nn.Module, precision: str, untied_head: bool = True) -> 
     """Bytes of the weights a package of ``precision`` stores: linear and embedding weights at the
     precision's bits plus their scales or palettes (fp16), everything else in fp16. The exporters
     write a tied lm_head as a copy of its own (``untied_head``)."""
-    bits = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4, "palette4": 4}[precision]
+    bits = PRECISION_BITS[precision]
     total, seen = 0, set()
     modules = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Embedding))]
     for module in modules:

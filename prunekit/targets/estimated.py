@@ -18,7 +18,7 @@ from prunekit.evaluation import measure_quality
 from prunekit.progress import say
 from prunekit.search import Candidate
 from prunekit.targets import ExportOutcome
-from prunekit.weight_rounding import rounded_copy, stored_bytes
+from prunekit.weight_rounding import rounded_copy
 
 QUALITY_BY = "torch, on the weights the precision ships (runtime not available here)"
 
@@ -47,7 +47,7 @@ class EstimatedCandidates:
         for precision in precisions:
             say(f"judging {precision} weights at amount {amount:g} in torch", self.quiet)
             q = measure_quality(rounded_copy(model, precision), windows, dense)
-            size = sparse_stored_bytes(model, precision) if sparse_weights else stored_bytes(model, precision)
+            size = sparse_stored_bytes(model, precision, sparse_weights)
             estimate = estimate_latency(cost, size, self._peak(precision), self.profile.memory_bandwidth_gbs,
                                         gemm_speedup=self.profile.sparse_gemm_speedup if sparse_weights else 1.0,
                                         sparse_flops_per_token=2 * sparse_weights)

@@ -70,14 +70,15 @@ def build(context: ExportContext) -> ExportOutcome:
     # the GEMMs that hold 2:4 are stored compressed and run faster, per layer (blocks kept dense
     # stay dense); embeddings, lm_head and norms stay dense
     sparse_weights = sparse_gemm_weights(pruned, n_m) if n_m == (2, 4) and profile.sparse_tensor_cores else 0
-    stored = sparse_stored_bytes(pruned, precision, n_m) if sparse_weights else stored_bytes(pruned, precision)
+    stored = sparse_stored_bytes(pruned, precision, sparse_weights)
     speedup = profile.sparse_gemm_speedup if sparse_weights else 1.0
+    if dense is not None:
+        dense_cost, dense_bytes = model_cost(dense), stored_bytes(dense, precision)
     variants = []
     for batch in (1, 8):
         if dense is not None:
-            dense_bytes = stored_bytes(dense, precision)
             variants.append({"name": f"dense {precision} batch {batch}", "bytes": dense_bytes,
-                             **estimate_latency(model_cost(dense), dense_bytes, profile.peak_tflops[precision],
+                             **estimate_latency(dense_cost, dense_bytes, profile.peak_tflops[precision],
                                                 profile.memory_bandwidth_gbs, batch=batch)})
         variants.append({"name": f"pruned {plan.pattern} {precision} batch {batch}", "bytes": int(stored),
                          **estimate_latency(cost, stored, profile.peak_tflops[precision], profile.memory_bandwidth_gbs,
