@@ -142,9 +142,15 @@ def _prepare(model: nn.Module, windows: torch.Tensor, seed: int, eight_bit: tupl
             unclipped[named[id(linear)]] = weight.to(linear.weight.dtype, copy=True)  # weight may alias it
         linear.weight.copy_(clip_blocks(weight, importance).to(linear.weight.dtype))
 
+    arch = architecture_for(out.config)
     for (kind, producer, consumers), x in zip(groups, inputs):
         s = channel_scale([c.weight.float() for c in consumers], x)
-        producer.weight.div_((s if kind == "norm" else s[:, None]).to(producer.weight.dtype))
+        if kind == "norm":
+            arch.divide_norm_(producer, s)
+        else:
+            producer.weight.div_(s[:, None].to(producer.weight.dtype))
+            if producer.bias is not None:
+                producer.bias.div_(s.to(producer.bias.dtype))
         importance = (x / s).pow(2).mean(0)
         for consumer in consumers:
             settle(consumer, consumer.weight.float() * s, importance)

@@ -42,7 +42,7 @@ def model_cost(model) -> ModelCost:
         kv = attn.get_submodule(arch.k).out_features // head_dim
         attention += 2 * q_heads * (head_dim + v_dim)
         kv_values += kv * (head_dim + v_dim)
-    head = model.lm_head.weight
+    head = model.get_submodule(arch.head).weight
     linear += 2 * head.shape[0] * head.shape[1]
     return ModelCost(linear, attention, kv_values)
 

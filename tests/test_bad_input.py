@@ -189,7 +189,9 @@ def test_quiet_prints_nothing_and_files_get_ordinary_modes(tiny_folder, tmp_path
     assert set(modes.values()) == {0o644, 0o755}
     report = json.loads((out / "report.json").read_text())
     assert report["quality"][0]["runtime"].startswith("onnxruntime")  # the gate judged the shipped artifact
-    assert report["quality_pruned_torch"][0]["runtime"] == "torch"
+    # the torch rows describe the pruned model; the search (timed) may ship the dense one, with none
+    assert all(q["runtime"] == "torch" for q in report["quality_pruned_torch"])
+    assert bool(report["quality_pruned_torch"]) == (report["method"] != "none")
 
 
 def test_help_does_not_import_torch():  # 12

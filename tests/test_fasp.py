@@ -186,8 +186,9 @@ def test_refuses_impossible_requests_before_work(tokenizer):
         prune(loaded, "fasp", 0.9, "structured", calib_ids=never, granularity="heads", channel_multiple=1)
     mha = make_tiny_llama()
     mha.config.num_key_value_heads = 1
-    with pytest.raises(UserInputError, match="at least 2 key/value heads"):
-        prune(LoadedModel(mha, tokenizer, "t"), "fasp", 0.3, "structured", calib_ids=never, granularity="heads")
+    with pytest.raises(UserInputError, match="all 9 query heads"):  # one kv head: query heads are cut
+        prune(LoadedModel(mha, tokenizer, "t"), "fasp", 0.95, "structured", calib_ids=never, granularity="heads",
+              channel_multiple=1)
     with pytest.raises(UserInputError, match="granularity"):
         prune(loaded, "fasp", 0.3, "structured", calib_ids=never, granularity="rows")
 

@@ -25,9 +25,38 @@ def test_folder_without_config(tmp_path):
         load_model(str(tmp_path))
 
 
-def test_unsupported_architecture(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 1}))
-    with pytest.raises(UserInputError, match="architecture 'gpt2' is not supported: prunekit supports llama"):
+@pytest.mark.parametrize("model_type", ["gpt2", "phi3", "mixtral", "qwen2_moe", "t5", "gemma3", "llava"])
+def test_unsupported_architecture_is_one_line_naming_the_families(tmp_path, model_type):
+    """GPT-2, Phi, mixture-of-experts, encoder-decoder and vision-language configs stop at the
+    config, before any weight is read."""
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
+    with pytest.raises(UserInputError, match=f"architecture '{model_type}' is not supported: prunekit "
+                                             f"supports Llama .*Mistral, Qwen2/Qwen2.5, Qwen3 and Gemma 3") as info:
+        load_model(str(tmp_path))
+    assert "\n" not in str(info.value)
+
+
+def test_unsupported_variant_of_a_family(tmp_path):
+    from transformers import Gemma3TextConfig
+
+    Gemma3TextConfig(num_hidden_layers=1, final_logit_softcapping=30.0).save_pretrained(tmp_path)
+    with pytest.raises(UserInputError, match="final_logit_softcapping=30.0 are not supported"):
+        load_model(str(tmp_path))
+
+
+def test_tensors_that_do_not_match_the_config(tmp_path, tokenizer):
+    """transformers would fill the mismatched weights at random and only warn."""
+    model = make_tiny_llama()
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["intermediate_size"] = 64  # the saved MLP is 96 wide
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserInputError, match="could not load the checkpoint"):  # transformers refuses shapes
+        load_model(str(tmp_path))
+    config["intermediate_size"], config["num_hidden_layers"] = 96, 3  # a layer with no tensors
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserInputError, match="missing model.layers.2"):
         load_model(str(tmp_path))
 
 

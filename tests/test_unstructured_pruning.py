@@ -67,7 +67,7 @@ def test_wanda_uses_layerwise_pruned_inputs(tiny, calib_ids):
 
     def block1_q_mask(block0):
         with torch.no_grad():
-            h1 = torch.cat([block0(h, **kw) for h, kw in inputs])
+            h1 = torch.cat([block0(h, **kw["full_attention"]) for h, kw in inputs])
             x = dense.model.layers[1].input_layernorm(h1).reshape(-1, 72)
         return wanda_mask(dense.model.layers[1].self_attn.q_proj.weight, x.pow(2).sum(0).sqrt(), 0.5)
 

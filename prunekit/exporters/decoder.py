@@ -1,4 +1,4 @@
-"""A plain decoder forward over a LLaMA-family model's own modules, with the KV cache as flat
+"""A plain decoder forward over a supported model's own modules, with the KV cache as flat
 tensors: the graph exporters (torch.onnx, torch.export for Core ML) trace this instead of the
 Hugging Face forward, whose cache objects and mask helpers do not export (see docs/toolchain.md).
 
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunekit.arch import architecture_for, attention_shape, decoder_layers
+from prunekit.arch import architecture_for, attention_shape, decoder_layers, norm_eps
 
 
 def kv_names(num_layers: int) -> tuple[list[str], list[str]]:
@@ -46,7 +46,9 @@ class PlainDecoder(nn.Module):
                                          for layer in self.layers)
         # A tied lm_head reaches the graph as a transposed embedding, which weight quantizers skip
         # as a non-constant input; its own copy is quantized like every other projection.
-        head = model.lm_head.weight
+        self.layer_types = self.arch.layer_types(model.config)
+        self.windows = [self.arch.sliding_window(model.config, i) for i in range(len(self.layers))]
+        head = model.get_submodule(self.arch.head).weight
         self.lm_head_weight = nn.Parameter(head.detach().clone(), requires_grad=False) if untie_lm_head else head
 
     def cache_shapes(self, batch: int, length: int) -> list[tuple[int, ...]]:
@@ -66,29 +68,36 @@ class PlainDecoder(nn.Module):
 
     def decode(self, input_ids: torch.Tensor, past_len, mask: torch.Tensor, update_cache) -> torch.Tensor:
         """Logits for ``input_ids`` at positions past_len.. ; ``update_cache(i, k, v)`` stores the new
-        keys/values of layer i and returns all keys/values so far; ``mask`` is additive."""
-        a = self.arch
-        base = self.model.get_submodule(a.layers.rsplit(".", 1)[0])
+        keys/values of layer i and returns all keys/values so far; ``mask`` is additive and causal,
+        and layers with a sliding window narrow it to their window."""
+        a, config = self.arch, self.model.config
         batch, seq = input_ids.shape
         positions = (torch.arange(seq, device=input_ids.device) + past_len).unsqueeze(0)
-        hidden = base.embed_tokens(input_ids)
-        cos, sin = base.rotary_emb(hidden, positions)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        hidden = self.model.get_submodule(a.embedding)(input_ids)
+        tables = {kind: tuple(t.unsqueeze(1) for t in a.position_embeddings(self.model, hidden, positions, kind))
+                  for kind in dict.fromkeys(self.layer_types)}
+        windows = {w: window_mask(mask, past_len, w) for w in dict.fromkeys(self.windows) if w}
         for i, layer in enumerate(self.layers):
             attention = layer.get_submodule(a.attention)
             head_dim = attention.head_dim
             v_dim = getattr(attention, "v_head_dim", head_dim)
-            q, k, v = self._qkv(i, self._norm(layer.input_layernorm, hidden))
-            q = q.view(batch, seq, -1, head_dim).transpose(1, 2)
-            k = k.view(batch, seq, -1, head_dim).transpose(1, 2)
+            q, k, v = self._qkv(i, self._norm(layer.get_submodule(a.input_norm), hidden))
+            q = q.view(batch, seq, -1, head_dim)
+            k = k.view(batch, seq, -1, head_dim)
+            if a.qk_norms:
+                q_norm, k_norm = (attention.get_submodule(n) for n in a.qk_norms)
+                q, k = self._norm(q_norm, q), self._norm(k_norm, k)
+            q, k = q.transpose(1, 2), k.transpose(1, 2)
             v = v.view(batch, seq, -1, v_dim).transpose(1, 2)
+            cos, sin = tables[self.layer_types[i]]
             q, k = _rope(q, cos, sin), _rope(k, cos, sin)
             k, v = update_cache(i, k, v)
-            out = self._attend(q, k, v, mask, attention.scaling)
-            out = out.transpose(1, 2).reshape(batch, seq, -1)
-            hidden = hidden + attention.get_submodule(a.o)(out)
-            hidden = hidden + self._mlp(i, self._norm(layer.post_attention_layernorm, hidden))
-        return F.linear(self._norm(base.norm, hidden), self.lm_head_weight)
+            out = self._attend(q, k, v, windows.get(self.windows[i], mask), attention.scaling)
+            out = attention.get_submodule(a.o)(out.transpose(1, 2).reshape(batch, seq, -1))
+            hidden = hidden + self._maybe_norm(layer, a.attention_out_norm, out)
+            out = self._mlp(i, self._norm(layer.get_submodule(a.mlp_norm), hidden))
+            hidden = hidden + self._maybe_norm(layer, a.mlp_out_norm, out)
+        return F.linear(self._norm(self.model.get_submodule(a.final_norm), hidden), self.lm_head_weight)
 
     def _projections(self, layer: nn.Module, parent: str, *roles: str) -> list[nn.Linear]:
         return [layer.get_submodule(f"{parent}.{getattr(self.arch, role)}") for role in roles]
@@ -96,7 +105,10 @@ class PlainDecoder(nn.Module):
     def _norm(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if not self.fused:
             return norm(x)
-        return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
+        return F.rms_norm(x, norm.weight.shape, self.arch.norm_scale(norm), norm_eps(norm))
+
+    def _maybe_norm(self, layer: nn.Module, name: str | None, x: torch.Tensor) -> torch.Tensor:
+        return self._norm(layer.get_submodule(name), x) if name else x
 
     def _qkv(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         q_proj, k_proj, v_proj = self._projections(self.layers[i], self.arch.attention, "q", "k", "v")
@@ -125,6 +137,15 @@ def causal_mask(seq: int, past_len, dtype: torch.dtype) -> torch.Tensor:
     positions = torch.arange(seq).unsqueeze(1) + past_len
     allowed = torch.arange(seq + past_len).unsqueeze(0) <= positions
     return torch.where(allowed, 0.0, torch.finfo(dtype).min).to(dtype)
+
+
+def window_mask(mask: torch.Tensor, past_len, window: int) -> torch.Tensor:
+    """``mask`` (additive, last two dims (seq, past_len + seq)) narrowed to a sliding window: query
+    position p sees keys p - window + 1 .. p, as transformers' sliding-window layers do. The cache
+    keeps every position; the window is the mask's, so one graph serves prompts of any length."""
+    seq, total = mask.shape[-2], mask.shape[-1]
+    distance = (torch.arange(seq, device=mask.device) + past_len).unsqueeze(1) - torch.arange(total, device=mask.device)
+    return mask.masked_fill(distance >= window, torch.finfo(mask.dtype).min)
 
 
 class FlatCacheDecoder(PlainDecoder):

@@ -126,9 +126,10 @@ def verify_export(path: Path, model: torch.nn.Module, tokens: torch.Tensor, new_
 
 
 def quantize_int8(src: Path, dst: Path, flavour: str = "weight-only", exclude: list[str] | None = None,
-                  calibration: list[torch.Tensor] | None = None) -> Path:
+                  calibration: list[torch.Tensor] | None = None, accuracy_level: int = 4) -> Path:
     """INT8 with ONNX Runtime. weight-only: MatMulNBits (8-bit, block 32), nearly lossless on this
-    model family; dynamic: W8A8 MatMulInteger (activation outliers into down_proj cost quality, so
+    model family, its activations rounded to int8 inside the kernel (``accuracy_level`` 4, the
+    fast path; 0 keeps them in float, which the tests use to match torch exactly); dynamic: W8A8 MatMulInteger (activation outliers into down_proj cost quality, so
     down_proj and lm_head are kept in fp32 unless ``exclude`` says otherwise); qdq: static QDQ."""
     _require_onnx()
     import onnx
@@ -138,7 +139,7 @@ def quantize_int8(src: Path, dst: Path, flavour: str = "weight-only", exclude: l
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
         quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), bits=8, block_size=32, is_symmetric=True,
-                                         accuracy_level=4, nodes_to_exclude=exclude or [])
+                                         accuracy_level=accuracy_level, nodes_to_exclude=exclude or [])
         quantizer.process()
         quantizer.model.save_model_to_file(str(dst), use_external_data_format=True)
         return dst

@@ -141,27 +141,47 @@ def compute_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+class _BlockRecorder(nn.Module):
+    """Stands in for a decoder block while inputs are captured: records what the model passes it
+    and hands the hidden states on unchanged (or stops the forward)."""
+
+    def __init__(self, sink: dict, key, stop: bool):
+        super().__init__()
+        self.sink, self.key, self.stop = sink, key, stop
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.sink[self.key] = (hidden_states.detach(), kwargs)
+        if self.stop:
+            raise _StopForward
+        return hidden_states
+
+
 @torch.no_grad()
 def capture_block_inputs(model, input_ids: torch.Tensor, batch_size: int):
-    """Hidden states entering block 0, and the keyword arguments the model passes to every block
-    (rotary embeddings, masks), one entry per batch."""
+    """Hidden states entering block 0, and the keyword arguments the model passes to its blocks
+    (rotary tables, masks) by layer type (families with sliding-window layers pass each type its
+    own), one (hidden, {layer type: kwargs}) per batch. The blocks before the first layer of the
+    last type are bypassed, not run."""
+    arch = architecture_for(model.config)
     layers = decoder_layers(model)
+    types = arch.layer_types(model.config)
+    firsts = {kind: types.index(kind) for kind in dict.fromkeys(types)}
+    last = max(firsts.values())
+    originals = [layers[i] for i in range(last + 1)]
     captured = []
-
-    def catch(_module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append((hidden.detach(), {k: v for k, v in kwargs.items() if k != "hidden_states"}))
-        _stop_forward()
-
-    handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
     try:
         for start in range(0, input_ids.shape[0], batch_size):
+            sink = {}
+            for i in range(last + 1):
+                layers[i] = _BlockRecorder(sink, i, stop=i == last)
             try:
                 model(input_ids[start:start + batch_size], use_cache=False)
             except _StopForward:
                 pass
+            captured.append((sink[0][0], {kind: sink[i][1] for kind, i in firsts.items()}))
     finally:
-        handle.remove()
+        for i, layer in enumerate(originals):
+            layers[i] = layer
     return captured
 
 
@@ -192,8 +212,10 @@ def prune_layerwise(model, input_ids: torch.Tensor, pruner: BlockPruner, batch_s
     held_from = n_batches - held_batches
     groups = _linear_groups(model)
     result = EngineResult()
-    states = [(_to(h, device), {k: _to(v, device) for k, v in kw.items()}) for h, kw in captured]
+    states = [(_to(h, device), {kind: {k: _to(v, device) for k, v in kw.items()} for kind, kw in by_type.items()})
+              for h, by_type in captured]
     layers = decoder_layers(model)
+    types = architecture_for(model.config).layer_types(model.config)
     bar = tqdm(range(len(layers)), desc="pruning", unit="layer", disable=not progress, leave=False)
     for index in bar:
         block = layers[index].to(device)
@@ -216,7 +238,7 @@ def prune_layerwise(model, input_ids: torch.Tensor, pruner: BlockPruner, batch_s
             for b, (hidden, kwargs) in enumerate(states):
                 current["held"] = b >= held_from
                 try:
-                    _run_block(block, hidden, kwargs)
+                    _run_block(block, hidden, kwargs[types[index]])
                 except _StopForward:
                     pass
         finally:
@@ -225,7 +247,7 @@ def prune_layerwise(model, input_ids: torch.Tensor, pruner: BlockPruner, batch_s
         info = pruner.prune_block(index, block, linears, stats)
         result.blocks.append({"layer": index, **info})
         del stats
-        states = [(_run_block(block, hidden, kwargs), kwargs) for hidden, kwargs in states]
+        states = [(_run_block(block, hidden, kwargs[types[index]]), kwargs) for hidden, kwargs in states]
         layers[index] = block.to("cpu")
         bar.set_postfix_str(f"layer {index + 1}/{len(layers)}")
     bar.close()

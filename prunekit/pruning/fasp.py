@@ -171,8 +171,10 @@ class FaspPruner:
             # One step of 4 is 6% of a 64-wide head, and value channels cost far more quality per
             # parameter than MLP channels: round up, never cutting a head more than asked.
             widths["value_head_dim"] = kept_width(head_dim, self.sparsity, self.value_multiple, up=True)
-        else:
+        elif kv_heads > 1:  # whole key/value groups, their query heads with them
             widths["kv_heads"] = kv_heads - int(round(kv_heads * self.sparsity))
+        else:  # one key/value head (multi-query): query heads, the shared key/value head stays
+            widths["heads"] = heads - int(round(heads * self.sparsity))
         return widths
 
     def validate(self, model) -> None:
@@ -191,13 +193,12 @@ class FaspPruner:
         if widths.get("value_head_dim", 1) < 1:
             raise UserInputError(f"sparsity {self.sparsity:g} would remove every value channel of a "
                                  f"{head_dim}-wide head: use a lower --sparsity")
-        if self.granularity == "heads":
-            if kv_heads < 2:
-                raise UserInputError("granularity heads needs at least 2 key/value heads; this model has "
-                                     f"{kv_heads}: use --granularity channels")
-            if widths["kv_heads"] < 1:
-                raise UserInputError(f"sparsity {self.sparsity:g} would remove all {kv_heads} key/value "
-                                     f"heads: use a lower --sparsity")
+        if widths.get("kv_heads", 1) < 1:
+            raise UserInputError(f"sparsity {self.sparsity:g} would remove all {kv_heads} key/value "
+                                 f"heads: use a lower --sparsity")
+        if widths.get("heads", 1) < 1:
+            raise UserInputError(f"sparsity {self.sparsity:g} would remove all {heads} query heads: "
+                                 f"use a lower --sparsity")
 
     def prune_block(self, index: int, block: nn.Module, linears: dict[str, nn.Linear],
                     stats: dict[str, InputStats]) -> dict:
@@ -209,8 +210,10 @@ class FaspPruner:
         o_stats = stats[f"{arch.attention}.{arch.o}"]
         if self.granularity == "channels":
             info["attention"] = self._prune_values(attention, arch, config, o_stats, widths["value_head_dim"])
-        else:
+        elif "kv_heads" in widths:
             info["attention"] = self._prune_heads(attention, arch, config, o_stats, widths["kv_heads"])
+        else:
+            info["attention"] = self._prune_query_heads(attention, arch, config, o_stats, widths["heads"])
         return info
 
     def _scores(self, weight: torch.Tensor, stats: InputStats) -> torch.Tensor:
@@ -281,6 +284,23 @@ class FaspPruner:
         self._record("heads", keep_kv, info)
         return {"kv_heads": kept_kv, **info}
 
+    def _prune_query_heads(self, attention, arch, config, stats: InputStats, kept: int) -> dict:
+        """One key/value head serves every query head: remove the query heads (q rows, o columns)
+        whose o inputs score least; the key/value head and the cache stay."""
+        heads, _, head_dim = attention_shape(config)
+        if kept >= heads:
+            return {"heads": heads}
+        o = attention.get_submodule(arch.o)
+        per_head = self._scores(o.weight.data, stats).reshape(heads, head_dim).sum(1)
+        keep = torch.sort(torch.topk(per_head, kept).indices).values
+        rows = (keep.unsqueeze(1) * head_dim + torch.arange(head_dim)).reshape(-1)
+        weight, info = self._refit(o, rows, stats, self.ATTENTION_REFIT)
+        setattr(attention, arch.q, shrink_linear(attention.get_submodule(arch.q), rows=rows))
+        setattr(attention, arch.o, shrink_linear(o, weight=weight))
+        attention.num_key_value_groups = kept  # transformers repeats the one kv head this often
+        self._record("query_heads", keep, info)
+        return {"heads": kept, **info}
+
     def finish(self, model) -> dict:
         """Write the new widths into the config, check every shape, describe what the config can't."""
         widths = self.widths(model.config)
@@ -289,6 +309,9 @@ class FaspPruner:
         if "kv_heads" in widths:
             model.config.num_key_value_heads = widths["kv_heads"]
             model.config.num_attention_heads = widths["kv_heads"] * (heads // kv_heads)
+            model.config.head_dim = head_dim
+        if "heads" in widths:
+            model.config.num_attention_heads = widths["heads"]
             model.config.head_dim = head_dim
         check_shapes(model)
         refits = [lam for lam in self._restoration if lam is not None]

@@ -2,7 +2,7 @@
 narrower than its query/key heads, and rebuilding such a model from a saved folder.
 
 The value-width attention is hand-written because no library expresses v_head_dim != head_dim for
-LLaMA-family models; it reuses the model's own rotary and attention kernels.
+the supported families; it reuses the model's own rotary and attention kernels.
 """
 
 from __future__ import annotations
@@ -40,10 +40,14 @@ def _value_width_forward(self, hidden_states, position_embeddings=None, attentio
                          cache=None, **kwargs):
     """The family's attention forward with value heads of width ``self.v_head_dim``."""
     modeling = sys.modules[type(self).__mro__[1].__module__]
+    arch = architecture_for(self.config)
     input_shape = hidden_states.shape[:-1]
-    query = self.q_proj(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)
-    key = self.k_proj(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)
-    value = self.v_proj(hidden_states).view(*input_shape, -1, self.v_head_dim).transpose(1, 2)
+    query = self.get_submodule(arch.q)(hidden_states).view(*input_shape, -1, self.head_dim)
+    key = self.get_submodule(arch.k)(hidden_states).view(*input_shape, -1, self.head_dim)
+    if arch.qk_norms:
+        query, key = (self.get_submodule(n)(x) for n, x in zip(arch.qk_norms, (query, key)))
+    query, key = query.transpose(1, 2), key.transpose(1, 2)
+    value = self.get_submodule(arch.v)(hidden_states).view(*input_shape, -1, self.v_head_dim).transpose(1, 2)
     cos, sin = position_embeddings
     query, key = modeling.apply_rotary_pos_emb(query, key, cos, sin)
     if cache is not None:
@@ -58,7 +62,7 @@ def _value_width_forward(self, hidden_states, position_embeddings=None, attentio
                                 dropout=0.0 if not self.training else self.attention_dropout,
                                 scaling=self.scaling, **extra, **kwargs)
     output = output[..., :self.v_head_dim].reshape(*input_shape, -1).contiguous()
-    return self.o_proj(output), weights
+    return self.get_submodule(arch.o)(output), weights
 
 
 _VALUE_WIDTH_CLASSES: dict[type, type] = {}
@@ -134,7 +138,8 @@ def load_restructured(folder: Path, config, structure: dict, dtype) -> nn.Module
     for file in files:
         state.update(load_file(file))
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [m for m in missing if not (m.endswith("lm_head.weight") and config.tie_word_embeddings)]
+    head = f"{architecture_for(config).head}.weight"
+    missing = [m for m in missing if not (m == head and config.tie_word_embeddings)]
     if missing or unexpected:
         raise UserInputError(f"checkpoint in {folder} does not match its prunekit.json: "
                              f"missing {missing[:3]}, unexpected {unexpected[:3]}")
@@ -155,10 +160,10 @@ def check_shapes(model) -> None:
         gate, up, down = (get(f"{arch.mlp}.{p}") for p in (arch.gate, arch.up, arch.down))
         v_dim = getattr(attention, "v_head_dim", head_dim)
         expected = {
-            "q_proj": (heads * head_dim, hidden), "k_proj": (kv_heads * head_dim, hidden),
-            "v_proj": (kv_heads * v_dim, hidden), "o_proj": (hidden, heads * v_dim),
-            "gate_proj": (gate.out_features, hidden), "up_proj": (gate.out_features, hidden),
-            "down_proj": (hidden, gate.out_features)}
+            arch.q: (heads * head_dim, hidden), arch.k: (kv_heads * head_dim, hidden),
+            arch.v: (kv_heads * v_dim, hidden), arch.o: (hidden, heads * v_dim),
+            arch.gate: (gate.out_features, hidden), arch.up: (gate.out_features, hidden),
+            arch.down: (hidden, gate.out_features)}
         for name, linear in zip(expected, (q, k, v, o, gate, up, down)):
             got = (linear.out_features, linear.in_features)
             if got != expected[name]:
