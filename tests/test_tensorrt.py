@@ -78,3 +78,22 @@ def test_deploy_a100_writes_onnx_script_and_estimate(tmp_path, tokenizer):
                for c in report["search"]["candidates"])
     available, _ = tensorrt_available()
     assert available or (checks["engine"]["built"] is False and "build_engine.sh" in checks["engine"]["reason"])
+
+
+def test_a_dense_choice_ships_without_a_pattern_check(tmp_path):
+    """When the search ships the dense model (no pruned amount fit the budget), there is no 2:4 to
+    check: the export is written, not refused as a broken pattern."""
+    from prunekit.plan import make_plan
+    from prunekit.profile import load_profile
+    from prunekit.targets import ExportContext
+    from prunekit.targets.tensorrt_sparse import build
+
+    profile = load_profile("a100-tensorrt-sparse")
+    plan = make_plan(profile)
+    plan.sparsity, plan.precision = 0.0, "fp16"  # what deploy writes back when dense is chosen
+    ids = torch.randint(3, 300, (4, 16), generator=torch.Generator().manual_seed(0))
+    (tmp_path / "stage").mkdir()
+    outcome = build(ExportContext(profile=profile, plan=plan, model=make_tiny_llama(), stage=tmp_path / "stage",
+                                  probe_tokens=ids[0], calib_tokens=ids, quiet=True))
+    assert outcome.status == "written" and "nm_after_export" not in outcome.checks
+    assert (tmp_path / "stage" / "onnx" / "model.onnx").is_file()

@@ -70,7 +70,7 @@ class PlainDecoder(nn.Module):
         """Logits for ``input_ids`` at positions past_len.. ; ``update_cache(i, k, v)`` stores the new
         keys/values of layer i and returns all keys/values so far; ``mask`` is additive and causal,
         and layers with a sliding window narrow it to their window."""
-        a, config = self.arch, self.model.config
+        a = self.arch
         batch, seq = input_ids.shape
         positions = (torch.arange(seq, device=input_ids.device) + past_len).unsqueeze(0)
         hidden = self.model.get_submodule(a.embedding)(input_ids)

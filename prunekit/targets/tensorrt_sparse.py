@@ -23,7 +23,7 @@ def build(context: ExportContext) -> ExportOutcome:
     profile, plan, stage = context.profile, context.plan, Path(context.stage)
     pruned, probe, quiet = context.model, context.probe_tokens, context.quiet
     int8 = plan.precision == "int8"
-    n_m = plan.pattern.n_m
+    n_m = plan.pattern.n_m if plan.sparsity > 0 else None  # the dense model shipped: no pattern to check
     timings, checks = {}, {}
     dense_blocks = tuple(f"layers.{i}." for i in context.dense_blocks)  # not pruned: not checked for N:M
     target = stage / "onnx"
