@@ -36,7 +36,7 @@ from protocol import CALIB_FILE, EVAL_FILE  # noqa: E402
 # 2-core machine has for a 7 GB float model; bounded memory is issue 16).
 SMALL = ["--calib-samples", "32", "--calib-seqlen", "256"]
 EXTRA = {("qwen2.5-coder-1.5b", "cpu-onnx"): SMALL + ["--sparsity", "0.1", "--precision", "int8"],
-         ("qwen2.5-coder-1.5b", "a100-tensorrt-sparse"): SMALL + ["--sparsity", "0.5", "--precision", "int8"]}
+         ("qwen2.5-coder-1.5b", "a100-tensorrt-sparse"): SMALL + ["--sparsity", "0.5", "--precision", "fp16"]}
 
 
 def model_path(key: str, cache: Path) -> str | None:

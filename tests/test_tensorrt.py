@@ -97,3 +97,4 @@ def test_a_dense_choice_ships_without_a_pattern_check(tmp_path):
                                   probe_tokens=ids[0], calib_tokens=ids, quiet=True))
     assert outcome.status == "written" and "nm_after_export" not in outcome.checks
     assert (tmp_path / "stage" / "onnx" / "model.onnx").is_file()
+
