@@ -88,7 +88,9 @@ def row(key: str, target: str, model: str | None, windows: int, work: Path) -> d
         family=report.get("architecture"), parameters=report["parameters"],
         quality={q["language"]: {"dense": q["dense_perplexity"], "shipped": q["perplexity"], "kl": q["kl"],
                                  "top1": q["top1"], "judged_by": q.get("runtime")} for q in report["quality"]},
-        verification=report["export"].get("checks"), prune_seconds=prune_seconds,
+        verification=report["export"].get("checks"), screen=report["search"].get("screen"),
+        skipped={name: c.get("why") for name, c in ((c["name"], c) for c in report["search"]["candidates"])
+                 if c["status"] != "built"}, prune_seconds=prune_seconds,
         dense_forward_seconds=forward, prune_over_forward=prune_seconds / forward if forward else None,
         latency_basis=report["plan"]["latency_basis"],
         dense_latency={k: dense and dense.get(k) for k in ("decode_ms", "prefill_ms")},

@@ -44,11 +44,14 @@ def test_unsupported_variant_of_a_family(tmp_path):
         load_model(str(tmp_path))
 
 
+def _saved_tiny(folder, tokenizer):
+    make_tiny_llama().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
 def test_tensors_that_do_not_match_the_config(tmp_path, tokenizer):
     """transformers would fill the mismatched weights at random and only warn."""
-    model = make_tiny_llama()
-    model.save_pretrained(tmp_path)
-    tokenizer.save_pretrained(tmp_path)
+    _saved_tiny(tmp_path, tokenizer)
     config = json.loads((tmp_path / "config.json").read_text())
     config["intermediate_size"] = 64  # the saved MLP is 96 wide
     (tmp_path / "config.json").write_text(json.dumps(config))
@@ -61,9 +64,7 @@ def test_tensors_that_do_not_match_the_config(tmp_path, tokenizer):
 
 
 def test_corrupt_checkpoint(tmp_path, tokenizer):
-    model = make_tiny_llama()
-    model.save_pretrained(tmp_path)
-    tokenizer.save_pretrained(tmp_path)
+    _saved_tiny(tmp_path, tokenizer)
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(UserInputError, match="corrupt or incomplete"):
