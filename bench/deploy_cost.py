@@ -47,11 +47,10 @@ def _tree_rss_kb(root: int) -> int:
     return sum(rss.get(pid, 0) for pid in tree)
 
 
-def run_deploy(args: list[str]) -> dict:
-    """One deploy command, timed, its tree's RSS sampled; returns the wall time, peak and report."""
-    command = [sys.executable, "-m", "prunekit", "deploy", "--quiet", *args]
+def run_sampled(command: list[str]) -> dict:
+    """Run ``command``, sampling its process tree's RSS every 0.2 s: exit code, wall time, peak, output."""
     start = time.perf_counter()
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak = [0]
 
     def sample():
@@ -61,19 +60,25 @@ def run_deploy(args: list[str]) -> dict:
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    _, stderr = proc.communicate()
-    wall = time.perf_counter() - start
+    stdout, stderr = proc.communicate()
     sampler.join()
+    return {"exit_code": proc.returncode, "wall_seconds": round(time.perf_counter() - start, 1),
+            "tree_peak_rss_gb": round(peak[0] / 1e6, 3), "stdout": stdout, "stderr": stderr}
+
+
+def run_deploy(args: list[str]) -> dict:
+    """One deploy command, timed, its tree's RSS sampled; returns the wall time, peak and report."""
+    run = run_sampled([sys.executable, "-m", "prunekit", "deploy", "--quiet", *args])
     out = Path(args[args.index("--out") + 1])
     report = json.loads((out / "report.json").read_text()) if (out / "report.json").is_file() else None
-    return {"command": "prunekit deploy " + " ".join(args), "exit_code": proc.returncode,
-            "wall_seconds": round(wall, 1), "tree_peak_rss_gb": round(peak[0] / 1e6, 3),
+    return {"command": "prunekit deploy " + " ".join(args), "exit_code": run["exit_code"],
+            "wall_seconds": run["wall_seconds"], "tree_peak_rss_gb": run["tree_peak_rss_gb"],
             "deploy_vmhwm_gb": report and report["resources"]["peak_rss_gb"],
             "shipped": report and report["search"]["selection"]["chosen"],
             "candidates": report and [{k: c.get(k) for k in ("name", "status", "ppl_increase", "decode_ms",
                                                              "prefill_ms", "bytes", "within_budget")}
                                       for c in report["search"]["candidates"]],
-            "shipped_quality": report and report["quality"], "stages": report and report.get("timings"), "stderr_tail": stderr[-500:] if proc.returncode else ""}
+            "shipped_quality": report and report["quality"], "stages": report and report.get("timings"), "stderr_tail": run["stderr"][-500:] if run["exit_code"] else ""}
 
 
 def main():

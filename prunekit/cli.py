@@ -78,6 +78,16 @@ def _pattern(text: str) -> Pattern:
 
 
 _positive = _integer(1)
+
+
+def _size(text: str) -> int:
+    from prunekit.errors import UserInputError
+    from prunekit.memory import parse_size
+
+    try:
+        return parse_size(text)
+    except UserInputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 _seqlen = _integer(2, what="a sequence needs at least 2 tokens")
 _seed = _integer(0, 2**63 - 1, "use an integer in [0, 2^63 - 1]")
 
@@ -231,7 +241,11 @@ def _run_prune(args) -> int:
                              pattern=args.pattern, granularity=args.granularity,
                              channel_multiple=args.channel_multiple, restore=not args.no_restore,
                              calib=args.calib, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
-                             seed=args.seed, force=args.force, quiet=args.quiet)
+                             seed=args.seed, force=args.force, quiet=args.quiet, max_memory=args.max_memory)
+    from prunekit.pruning.distributed import is_writer
+
+    if not is_writer():  # under torchrun, rank 0 wrote the folder and prints for all
+        return 0
     summary = {"out": str(args.out), "method": result.method, "pattern": result.pattern,
                "sparsity": result.sparsity, "parameters_before": result.parameters_before,
                "parameters_after": result.parameters_after, "mask_hash": result.mask_hash,
@@ -332,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--channel-multiple", type=_positive, default=32,
                    help="FASP: round kept MLP widths to this multiple (default 32)")
     r.add_argument("--no-restore", action="store_true", help="FASP: skip the least-squares restoration")
+    r.add_argument("--max-memory", metavar="SIZE", type=_size,
+                   help="memory budget of the streamed prune, e.g. 8GB (default: the machine's memory); "
+                        "sets the calibration batch, refused before any work if one block cannot fit")
     _add_output(r, required=True)
     r.add_argument("--json", action="store_true")
 

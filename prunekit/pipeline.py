@@ -9,6 +9,7 @@ deploy: profile -> plan -> load -> calibrate + prune -> save -> export (verify, 
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from dataclasses import dataclass
@@ -273,11 +274,15 @@ def prune_to_folder(out: str | Path, method: str, model: str | None = None, spar
                     pattern: str | Pattern | None = None, granularity: str = "channels", channel_multiple: int = 32,
                     restore: bool = True, calib: str | None = None, calib_samples: int | None = None,
                     calib_seqlen: int | None = None, seed: int = 0, force: bool = False,
-                    quiet: bool = False):
+                    quiet: bool = False, max_memory: int | None = None):
     """`prunekit prune`: a reloadable Hugging Face folder with prunekit.json. With no --calib the
-    model calibrates on its own text, 64 x 256 tokens (as the profiles do), and says so."""
+    model calibrates on its own text, 64 x 256 tokens (as the profiles do), and says so. With a
+    calibration text the model is streamed (one decoder block in memory), its calibration batch
+    the largest that fits ``max_memory`` bytes (default: the machine's memory)."""
     quiet_libraries(quiet)
-    from prunekit.checkpoint import save_checkpoint
+    from prunekit.checkpoint import ShardWriter, probe_ids, probe_record, save_checkpoint
+    from prunekit.memory import calibration_batch, machine_bytes
+    from prunekit.pruning.distributed import is_writer, start_from_environment
     from prunekit.pruning.registry import default_pattern, method as lookup_method
     from prunekit.pruning.run import make_pruner, prune
     from prunekit.threads import use_usable_cores
@@ -293,17 +298,41 @@ def prune_to_folder(out: str | Path, method: str, model: str | None = None, spar
     own = source == SELF_CALIBRATION
     calibration = Calibration(source, calib_samples or (64 if own else 128),
                               calib_seqlen or (256 if own else 512), seed).check()
+    if own and max_memory is not None:
+        raise UserInputError("--max-memory bounds a streamed prune, and self-calibration generates text with "
+                             "the whole model in memory: pass --calib FILE")
     out = Path(out)
     check_output(out, force, keep=tuple(p for p in [model] if p and Path(p).exists()))
     use_usable_cores()
 
-    loaded = _load(model, quiet)
-    _announce_self_calibration(calibration, quiet)
-    with staged_output(out, force) as stage:
+    start_from_environment()  # under torchrun: this process's share of the calibration batches
+    quiet = quiet or not is_writer()
+    batch_size = 8
+    if own:  # the model writes its calibration text: that takes the whole model in memory
+        loaded = _load(model, quiet)
+        _announce_self_calibration(calibration, quiet)
+    else:
+        from prunekit.models import open_streamed
+
+        say(f"opening {model or 'the embedded default model'} (streamed: one decoder block in memory at a time)",
+            quiet)
+        loaded = open_streamed(model)
+        batch_size, need = calibration_batch(loaded.model.config, method, calibration.samples, calibration.seqlen,
+                                             max_memory or machine_bytes())
+        say(f"memory: about {need.total / 1e9:.1f} GB at a calibration batch of {batch_size} "
+            f"(budget {(max_memory or machine_bytes()) / 1e9:.1f} GB)", quiet)
+    with (staged_output(out, force) if is_writer() else contextlib.nullcontext(None)) as stage:
+        writer = ShardWriter(stage) if loaded.streamed and stage else None
         result = prune(loaded, method, sparsity, parsed, calib=calibration.source,
                        calib_samples=calibration.samples, calib_seqlen=calibration.seqlen,
-                       seed=calibration.seed, progress=not quiet, **options)
-        save_checkpoint(result.model, loaded.tokenizer, stage, result.manifest(loaded.source))
+                       seed=calibration.seed, progress=not quiet, writer=writer, batch_size=batch_size,
+                       probe=probe_ids(loaded.tokenizer), **options)
+        manifest = result.manifest(loaded.source)
+        manifest["probe"] = probe_record(loaded.tokenizer, result.probe_logits)
+        if writer:
+            writer.finish(result.model, loaded.tokenizer, manifest)
+        elif stage:
+            save_checkpoint(result.model, loaded.tokenizer, stage, manifest)
     return result
 
 

@@ -75,7 +75,8 @@ def test_centered_refit_does_not_rebuild_a_removed_channels_mean():
     consumer.weight.data = torch.tensor([[1.0, 1.0]])
     keep = torch.tensor([0])
     pruner = FaspPruner(0.5)
-    centered, _ = pruner._refit(consumer, keep, stats, FaspPruner.ATTENTION_REFIT)
+    # A refit frees the statistics it read (their only reader): each refit gets its own copy.
+    centered, _ = pruner._refit(consumer, keep, copy.deepcopy(stats), FaspPruner.ATTENTION_REFIT)
     plain, _ = pruner._refit(consumer, keep, stats, Refit())
     assert abs(centered.item() - 1.0) < 0.05  # ≈ the cut: no covariance to fit
     assert plain.item() > 1.5  # toward 2: the kept channel stands in for the removed one's mean
@@ -93,11 +94,12 @@ def test_centered_refit_keeps_the_cuts_output_mean():
     torch.nn.init.normal_(consumer.weight)
     keep = torch.tensor([0, 2, 3, 5])
     mu, cut = stats.mean[keep].float(), consumer.weight.data[:, keep]
-    held, _ = FaspPruner(0.5)._refit(consumer, keep, stats, Refit(centered=True, hold_mean=True))
+    C = stats.held_covariance.float()
+    held, _ = FaspPruner(0.5)._refit(consumer, keep, copy.deepcopy(stats), Refit(centered=True, hold_mean=True))
     free, _ = FaspPruner(0.5)._refit(consumer, keep, stats, Refit(centered=True))
     assert torch.allclose(held @ mu, cut @ mu, atol=1e-4)
     assert (free @ mu - cut @ mu).abs().max() > 0.1
-    C, full = stats.held_covariance.float(), consumer.weight.data
+    full = consumer.weight.data
 
     def heldout_error(w):  # ‖w X_S − W X‖² about the mean, on the held-out tokens
         return float((full @ C @ full.T).trace() - 2 * (w @ C[keep] @ full.T).trace()

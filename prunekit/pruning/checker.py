@@ -27,21 +27,25 @@ def nm_violations(weight: torch.Tensor, n: int, m: int) -> int:
     return int((nonzero > n).sum())
 
 
+def check_block(model, index: int, layer, n_m: tuple[int, int] | None = None,
+                dense: bool = False) -> list[LayerSparsity]:
+    """One block's projections: sparsity and, unless the block was kept ``dense``, the N:M check."""
+    report = []
+    for name, linear in block_linears(model, layer).items():
+        weight = linear.weight.data
+        checked = n_m is not None and not dense
+        bad = nm_violations(weight, *n_m) if checked else 0
+        zeros = 1.0 - torch.count_nonzero(weight).item() / weight.numel()
+        report.append(LayerSparsity(name=f"layers.{index}.{name}", shape=tuple(weight.shape), sparsity=zeros,
+                                    nm_ok=(bad == 0) if checked else None, bad_groups=bad))
+    return report
+
+
 def check_model(model, n_m: tuple[int, int] | None = None, dense_blocks=frozenset()) -> list[LayerSparsity]:
     """Every block projection's sparsity and N:M check; blocks in ``dense_blocks`` were kept dense
     on purpose (prunekit.pruning.partial): their N:M check is not applicable (None)."""
-    report = []
-    for i, layer in enumerate(decoder_layers(model)):
-        for name, linear in block_linears(model, layer).items():
-            weight = linear.weight.data
-            checked = n_m is not None and i not in dense_blocks
-            bad = nm_violations(weight, *n_m) if checked else 0
-            zeros = 1.0 - torch.count_nonzero(weight).item() / weight.numel()
-            report.append(LayerSparsity(
-                name=f"layers.{i}.{name}", shape=tuple(weight.shape),
-                sparsity=zeros, nm_ok=(bad == 0) if checked else None,
-                bad_groups=bad))
-    return report
+    return [row for i, layer in enumerate(decoder_layers(model))
+            for row in check_block(model, i, layer, n_m, i in dense_blocks)]
 
 
 def summarize(report: list[LayerSparsity]) -> dict:

@@ -30,9 +30,16 @@ def add_upper_gram(accumulator: torch.Tensor, x: torch.Tensor, panel: int = GRAM
                                                                                   accumulator.dtype)
 
 
-def symmetric(upper: torch.Tensor) -> torch.Tensor:
-    """The full matrix from one whose upper triangle is right (``add_upper_gram``'s accumulator)."""
-    return torch.triu(upper) + torch.triu(upper, 1).T
+def symmetrize_(upper: torch.Tensor, panel: int = GRAM_PANEL) -> torch.Tensor:
+    """``symmetric`` in place, panel by panel: a 9k-wide float64 Gram is 640 MB, and the
+    out-of-place version holds four of them at once."""
+    features = upper.shape[0]
+    for start in range(0, features, panel):
+        stop = min(start + panel, features)
+        upper[start:stop, :start] = upper[:start, start:stop].T
+        diagonal = upper[start:stop, start:stop]
+        diagonal.copy_(torch.triu(diagonal) + torch.triu(diagonal, 1).T)
+    return upper
 
 
 @dataclass
@@ -51,6 +58,7 @@ class InputStats:
     _held_gram_upper: torch.Tensor = None
     _sums: torch.Tensor = None  # per split (fit, held out): Σ_t x_t
     _tokens: list = None  # per split: token count
+    _full: bool = False  # the Gram accumulators hold full matrices (no more tokens can be added)
 
     def __post_init__(self):
         self.sumsq = torch.zeros(self.features, dtype=torch.float64)
@@ -64,17 +72,41 @@ class InputStats:
         x = x.reshape(-1, x.shape[-1]).to(torch.float32)
         self.sumsq += (x * x).sum(0).to(self.sumsq.device, torch.float64)
         if self.want_gram:
+            assert not self._full, "statistics were read: no more tokens can be added"
             add_upper_gram(self._held_gram_upper if held_out else self._gram_upper, x)
             self._sums[int(held_out)] += x.sum(0).to(self._sums.device, torch.float64)
             self._tokens[int(held_out)] += x.shape[0]
 
+    def release_grams(self) -> None:
+        """Free the Gram accumulators (640 MB each at a 9k-wide MLP) once their reader is done."""
+        self._gram_upper = self._held_gram_upper = None
+        self.want_gram = False
+
+    def sum_across_processes(self) -> None:
+        """Statistics of every process's tokens (prunekit.pruning.distributed), before any is read."""
+        from prunekit.pruning.distributed import sum_across_processes
+
+        tokens = torch.tensor(self._tokens or [0, 0], dtype=torch.float64)
+        tensors = [self.sumsq] + ([self._gram_upper, self._held_gram_upper, self._sums, tokens]
+                                  if self.want_gram else [])
+        sum_across_processes(tensors)
+        if self.want_gram:
+            self._tokens = [int(t) for t in tokens.tolist()]
+
     @property
     def gram(self) -> torch.Tensor | None:
-        return symmetric(self._gram_upper) if self.want_gram else None
+        """XᵀX over the fit tokens; the accumulator becomes the full matrix on first read."""
+        if not self.want_gram:
+            return None
+        if not self._full:
+            symmetrize_(self._gram_upper)
+            symmetrize_(self._held_gram_upper)
+            self._full = True
+        return self._gram_upper
 
     @property
     def held_gram(self) -> torch.Tensor | None:
-        return symmetric(self._held_gram_upper) if self.want_gram else None
+        return self._held_gram_upper if self.gram is not None else None
 
     @property
     def mean(self) -> torch.Tensor | None:
@@ -115,6 +147,7 @@ class BlockPruner(Protocol):
 @dataclass
 class EngineResult:
     blocks: list[dict] = field(default_factory=list)
+    probe_logits: torch.Tensor | None = None
 
 
 class _StopForward(Exception):
@@ -200,10 +233,27 @@ def _to(value, device):
 
 @torch.no_grad()
 def prune_layerwise(model, input_ids: torch.Tensor, pruner: BlockPruner, batch_size: int = 8,
-                    progress: bool = True) -> EngineResult:
+                    progress: bool = True, blocks=None, probe: torch.Tensor | None = None) -> EngineResult:
+    """Prune every block of ``model`` in order. ``blocks`` (prunekit.pruning.blocks) says where a
+    block comes from and goes to: the model in memory by default, or a weight source and an
+    output checkpoint. ``probe`` (token ids) rides along without entering the statistics: its
+    logits through the pruned blocks come back in ``EngineResult.probe_logits``, for checking the
+    saved checkpoint against the model as it was pruned."""
+    from prunekit.exporters.latency import peak_rss_gb
+    from prunekit.pruning.blocks import ResidentBlocks
+
+    from prunekit.pruning.distributed import my_batches
+
+    blocks = blocks or ResidentBlocks(model)
     device = compute_device()
+    n_batches = -(-input_ids.shape[0] // batch_size)
+    mine = my_batches(n_batches)  # all of them in one process; under torchrun, this rank's share
+    if len(mine) < n_batches:
+        input_ids = torch.cat([input_ids[b * batch_size:(b + 1) * batch_size] for b in mine])
+    blocks.open_embedding(input_ids if probe is None else torch.cat([input_ids.flatten(), probe.flatten()]))
     captured = capture_block_inputs(model, input_ids, batch_size)
-    n_batches = len(captured)
+    probe_state = capture_block_inputs(model, probe, probe.shape[0])[0] if probe is not None else None
+    blocks.close_embedding()
     held_batches = round(n_batches * pruner.held_out_fraction)
     if pruner.held_out_fraction > 0 and n_batches > 1:
         held_batches = max(1, min(held_batches, n_batches - 1))
@@ -214,11 +264,11 @@ def prune_layerwise(model, input_ids: torch.Tensor, pruner: BlockPruner, batch_s
     result = EngineResult()
     states = [(_to(h, device), {kind: {k: _to(v, device) for k, v in kw.items()} for kind, kw in by_type.items()})
               for h, by_type in captured]
-    layers = decoder_layers(model)
+    del captured
     types = architecture_for(model.config).layer_types(model.config)
-    bar = tqdm(range(len(layers)), desc="pruning", unit="layer", disable=not progress, leave=False)
+    bar = tqdm(range(len(decoder_layers(model))), desc="pruning", unit="layer", disable=not progress, leave=False)
     for index in bar:
-        block = layers[index].to(device)
+        block = blocks.load(index).to(device)
         linears = {name: block.get_submodule(name) for members in groups.values() for name in members}
         stats, handles, current = {}, [], {"held": False}
         wanted = getattr(pruner, "gram_groups", None)
@@ -235,7 +285,7 @@ def prune_layerwise(model, input_ids: torch.Tensor, pruner: BlockPruner, batch_s
         last_leader = linears[list(groups)[-1]]
         handles.append(last_leader.register_forward_pre_hook(_stop_forward))
         try:
-            for b, (hidden, kwargs) in enumerate(states):
+            for b, (hidden, kwargs) in zip(mine, states):
                 current["held"] = b >= held_from
                 try:
                     _run_block(block, hidden, kwargs[types[index]])
@@ -244,11 +294,20 @@ def prune_layerwise(model, input_ids: torch.Tensor, pruner: BlockPruner, batch_s
         finally:
             for handle in handles:
                 handle.remove()
+        for group_stats in {id(s): s for s in stats.values()}.values():
+            group_stats.sum_across_processes()
         info = pruner.prune_block(index, block, linears, stats)
         result.blocks.append({"layer": index, **info})
-        del stats
-        states = [(_run_block(block, hidden, kwargs[types[index]]), kwargs) for hidden, kwargs in states]
-        layers[index] = block.to("cpu")
-        bar.set_postfix_str(f"layer {index + 1}/{len(layers)}")
+        del stats, linears
+        for b, (hidden, kwargs) in enumerate(states):  # in place: one copy of the activations
+            states[b] = (_run_block(block, hidden, kwargs[types[index]]), kwargs)
+        if probe_state is not None:
+            probe_state = (_run_block(block, probe_state[0], probe_state[1][types[index]]), probe_state[1])
+        blocks.release(index, block)
+        del block
+        bar.set_postfix_str(f"layer {index + 1}/{len(types)}, peak {peak_rss_gb():.2f} GB")
     bar.close()
+    if probe_state is not None:
+        result.probe_logits = blocks.logits(probe_state[0]).float().cpu()
+    blocks.close()
     return result

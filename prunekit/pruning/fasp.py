@@ -48,7 +48,10 @@ def ridge_toward_cut(G_SS: torch.Tensor, rhs: torch.Tensor, cut: torch.Tensor, l
     None when the system is not positive definite. With ``mean`` (μ_S), the least-squares W' under
     W' μ_S = W_S μ_S: the refit keeps the cut's output mean."""
     ridge = lam * torch.diag(G_SS).mean()
-    factor, failed = torch.linalg.cholesky_ex(G_SS + ridge * torch.eye(G_SS.shape[0], dtype=G_SS.dtype))
+    system = G_SS.clone()
+    system.diagonal().add_(ridge)  # G + λsI without an n×n identity beside it
+    factor, failed = torch.linalg.cholesky_ex(system)
+    del system
     if failed:
         return None
     refit = torch.cholesky_solve((rhs + ridge * cut).T, factor).T
@@ -61,36 +64,66 @@ def ridge_toward_cut(G_SS: torch.Tensor, rhs: torch.Tensor, cut: torch.Tensor, l
     return refit + torch.outer((cut - refit) @ mean, direction) / weight
 
 
+@dataclass
+class KeptSystem:
+    """What refitting the kept columns S needs from the input Grams: their S×S blocks and their
+    products with W. Small next to the Grams themselves (a 9k-wide MLP's two float64 Grams are
+    1.3 GB), which can be freed once this is built."""
+
+    weight: torch.Tensor  # W, float64 on the CPU
+    cut: torch.Tensor  # W[:, S]
+    G_SS: torch.Tensor
+    rhs: torch.Tensor  # W G[:, S]
+    held: bool  # whether there are held-out tokens at all
+    target: float = 0.0  # tr(W Gh Wᵀ)
+    cross_with: torch.Tensor | None = None  # W Gh[:, S]
+    Gh_SS: torch.Tensor | None = None
+
+
+def kept_system(weight: torch.Tensor, keep: torch.Tensor, gram: torch.Tensor,
+                held_gram: torch.Tensor | None) -> KeptSystem:
+    W = weight.detach().cpu().to(torch.float64)  # statistics live on the CPU
+    G = gram.to(torch.float64)
+    rows = keep.reshape(-1, 1)
+    system = KeptSystem(W, W[:, keep], G[rows, keep], W @ G[:, keep], held_gram is not None and bool(held_gram.any()))
+    if system.held:
+        Gh = held_gram.to(torch.float64)
+        # ‖W'X_S − WX‖² on held-out tokens = tr(W Gh Wᵀ) − 2 tr(W' Gh[S,:] Wᵀ) + tr(W' Gh[S,S] W'ᵀ)
+        system.target = float((W @ Gh * W).sum())
+        system.cross_with = W @ Gh[:, keep]
+        system.Gh_SS = Gh[rows, keep]
+    return system
+
+
 def restore_columns(weight: torch.Tensor, keep: torch.Tensor, gram: torch.Tensor,
                     held_gram: torch.Tensor | None, lambdas: tuple[float, ...],
                     tolerance: float = 0.0, mean: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """Refit the kept columns S so that W'·X_S matches W·X, shrunk toward the plain cut W_S:
     W' = (W G[:,S] + λ W_S) (G[S,S] + λI)⁻¹ (λ relative to the mean of diag G[S,S]; λ → ∞ is the cut).
     G is XᵀX, or the covariance of X to match only the variation about the mean of X; then
-    ``mean`` (the mean of X) holds W'μ_S at the cut's W_S μ_S.
+    ``mean`` (the mean of X) holds W'μ_S at the cut's W_S μ_S. (``refit_kept`` on ``kept_system``.)"""
+    return refit_kept(kept_system(weight, keep, gram, held_gram), keep, lambdas, tolerance, mean,
+                      weight.device, weight.dtype)
 
-    Each λ and the cut itself are scored on held-out tokens, so the refit never makes the layer
+
+def refit_kept(system: KeptSystem, keep: torch.Tensor, lambdas: tuple[float, ...], tolerance: float = 0.0,
+               mean: torch.Tensor | None = None, device=None, dtype=None) -> tuple[torch.Tensor, dict]:
+    """Each λ and the cut itself are scored on held-out tokens, so the refit never makes the layer
     worse than the cut on unseen tokens of the calibration text. With a ``tolerance``, of the λ
     whose held-out error is within ``tolerance`` × (the best gain over the cut) of the best, the
     largest, most cut-like, wins.
     The held-out error is unimodal in λ (overfit, then back to the cut): the search, in increasing
     λ, stops once past the best and outside the tolerance. The chosen λ is then refit on the fit
     and held-out tokens together: the held-out slice only picks λ, its tokens still inform W'."""
-    W = weight.detach().cpu().to(torch.float64)  # statistics live on the CPU
-    G = gram.to(torch.float64)
-    cut = W[:, keep]
-    if held_gram is None or held_gram.abs().sum() == 0:
-        return cut.to(weight.device, weight.dtype), {"lambda": None, "reason": "no held-out tokens"}
-    Gh = held_gram.to(torch.float64)
-    # ‖W'X_S − WX‖² on held-out tokens = tr(W Gh Wᵀ) − 2 tr(W' Gh[S,:] Wᵀ) + tr(W' Gh[S,S] W'ᵀ)
-    target = float((W @ Gh * W).sum())
-    cross_with = W @ Gh[:, keep]
-    Gh_SS = Gh[keep][:, keep]
+    cut = system.cut
+    if not system.held:
+        return cut.to(device, dtype), {"lambda": None, "reason": "no held-out tokens"}
+    cross_with, Gh_SS, target = system.cross_with, system.Gh_SS, system.target
 
     def heldout_error(candidate: torch.Tensor) -> float:
         return target - 2 * float((candidate * cross_with).sum()) + float((candidate @ Gh_SS * candidate).sum())
 
-    G_SS, rhs = G[keep][:, keep], W @ G[:, keep]
+    G_SS, rhs = system.G_SS, system.rhs
     mean_S = None if mean is None else mean.to(torch.float64)[keep]
     cut_error = heldout_error(cut)
 
@@ -113,7 +146,7 @@ def restore_columns(weight: torch.Tensor, keep: torch.Tensor, gram: torch.Tensor
         best = ridge_toward_cut(G_SS + Gh_SS, rhs + cross_with, cut, best_lambda, mean_S)
     info = {"lambda": best_lambda,
             "heldout_error_vs_cut": round(error / cut_error, 4) if cut_error > 0 else 1.0}
-    return best.to(weight.device, weight.dtype), info
+    return best.to(device, dtype), info
 
 
 @dataclass(frozen=True)
@@ -222,9 +255,12 @@ class FaspPruner:
     def _refit(self, consumer: nn.Linear, keep: torch.Tensor, stats: InputStats, rule: Refit):
         if not self.restore:
             return consumer.weight.data[:, keep.to(consumer.weight.device)], {"lambda": None, "reason": "restoration off"}
-        gram, held = (stats.covariance, stats.held_covariance) if rule.centered else (stats.gram, stats.held_gram)
         mean = stats.mean if rule.centered and rule.hold_mean else None
-        return restore_columns(consumer.weight.data, keep, gram, held, self.lambdas, rule.tolerance, mean)
+        system = kept_system(consumer.weight.data, keep, *((stats.covariance, stats.held_covariance)
+                                                           if rule.centered else (stats.gram, stats.held_gram)))
+        stats.release_grams()  # this refit is their only reader: free them before the λ search
+        return refit_kept(system, keep, self.lambdas, rule.tolerance, mean, consumer.weight.device,
+                          consumer.weight.dtype)
 
     def _record(self, kind: str, keep: torch.Tensor, info: dict):
         self._digest.update(kind.encode() + keep.cpu().numpy().astype("int64").tobytes())

@@ -1,0 +1,103 @@
+"""The memory a streamed prune needs, from the model's config alone, against a budget
+(``--max-memory``, default: what the machine has): the calibration batch is the largest that fits,
+and a budget that cannot hold even one block with a batch of one is refused before any work.
+
+The terms are the resident parts of a streamed prune (prunekit.pruning.blocks): the process itself
+(Python, torch, the tokenizer), the embedding while block 0's inputs are captured, one decoder
+block, the calibration activations, one batch's intermediate tensors, and the statistics the
+method keeps per block (float64 Grams for SparseGPT and FASP's refit). They are an estimate, not
+a measurement: bench/memory.py measures the peak against it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from prunekit.errors import UserInputError
+
+GB = 1e9
+PROCESS_BYTES = 0.9e9  # Python, torch, transformers and a 150k-token tokenizer, measured (bench/memory.py)
+BATCHES = (8, 4, 2, 1)
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'24GB', '7.5G', '800MiB', '3e9' -> bytes; a one-line error otherwise."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*", text.lower())
+    if not match or match.group(2) not in _UNITS:
+        raise UserInputError(f"--max-memory '{text}' is not a size: use e.g. 8GB, 7.5G or 800MiB")
+    value = float(match.group(1)) * _UNITS[match.group(2)]
+    if value <= 0:
+        raise UserInputError(f"--max-memory '{text}' must be more than zero")
+    return int(value)
+
+
+def machine_bytes(meminfo: Path = Path("/proc/meminfo"), cgroup: Path = Path("/sys/fs/cgroup/memory.max")) -> int:
+    """Physical memory, or the cgroup's limit when lower (a container's real ceiling)."""
+    total = None
+    try:
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                total = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        limit = cgroup.read_text().strip()
+        if limit != "max":
+            total = min(total or int(limit), int(limit))
+    except (OSError, ValueError):
+        pass
+    return total or 16 * 2**30
+
+
+@dataclass(frozen=True)
+class PruneMemory:
+    """Bytes of each resident part of a streamed prune at one calibration batch size."""
+
+    process: float
+    embedding: float
+    block: float
+    activations: float
+    batch: float
+    statistics: float
+
+    @property
+    def total(self) -> float:
+        # The embedding is gone before the first block loads: the peak is the larger of the two phases.
+        capture = self.process + self.embedding + self.activations
+        blocks = self.process + self.block + self.activations + self.batch + self.statistics
+        return max(capture, blocks)
+
+    def as_dict(self) -> dict:
+        return {k: round(v / GB, 3) for k, v in {**self.__dict__, "total": self.total}.items()}
+
+
+def streamed_prune_memory(config, method: str, samples: int, seqlen: int, batch: int) -> PruneMemory:
+    from prunekit.arch import attention_shape
+
+    hidden, inner = config.hidden_size, config.intermediate_size
+    heads, kv_heads, head_dim = attention_shape(config)
+    block = 4 * (hidden * head_dim * (2 * heads + 2 * kv_heads) + 3 * hidden * inner)
+    tokens = batch * seqlen
+    # One batch through a block: q/k/v/o and the MLP's gate, up and their product, attention scores.
+    work = 4 * tokens * (3 * inner + 4 * hidden + heads * head_dim * 2) + 4 * batch * heads * seqlen * seqlen
+    grams = {"fasp": 2 * (inner**2 + (heads * head_dim) ** 2) * 8 * 1.5,  # fit + held out, and the refit's copies
+             "sparsegpt": 2 * max(inner, hidden) ** 2 * 8 * 2}.get(method, 0.0)
+    return PruneMemory(process=PROCESS_BYTES, embedding=4 * config.vocab_size * hidden, block=2 * block,
+                       activations=4 * samples * seqlen * hidden, batch=work, statistics=grams)
+
+
+def calibration_batch(config, method: str, samples: int, seqlen: int, budget: int) -> tuple[int, PruneMemory]:
+    """The largest calibration batch whose streamed prune fits ``budget`` bytes, and its estimate;
+    a one-line error when not even a batch of one does."""
+    for batch in BATCHES:
+        need = streamed_prune_memory(config, method, samples, seqlen, min(batch, samples))
+        if need.total <= budget:
+            return min(batch, samples), need
+    parts = ", ".join(f"{k} {v:g}" for k, v in need.as_dict().items() if k != "total")
+    raise UserInputError(f"a streamed prune of this model needs about {need.total / GB:.1f} GB even with a "
+                         f"calibration batch of 1 ({parts} GB), more than --max-memory {budget / GB:.1f} GB: "
+                         f"raise --max-memory, or lower --calib-samples / --calib-seqlen")

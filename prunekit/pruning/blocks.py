@@ -1,0 +1,108 @@
+"""Where the engine gets each decoder block and where a pruned block goes.
+
+``ResidentBlocks``: the whole model is in memory (a notebook's model, the deploy search's copies).
+``StreamedBlocks``: the model is a skeleton without weights; a block is read from its weight
+source when the engine reaches it, checked and written to the output checkpoint once pruned, and
+dropped, so memory holds one block (plus the embedding while the inputs of block 0 are captured).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from prunekit.arch import architecture_for, decoder_layers
+from prunekit.pruning.checker import check_block
+
+
+class ResidentBlocks:
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.arch = architecture_for(model.config)
+
+    def open_embedding(self, token_ids: torch.Tensor) -> None:
+        """The embedding is needed while block 0's inputs (of ``token_ids``) are captured."""
+
+    def close_embedding(self) -> None:
+        pass
+
+    def load(self, index: int) -> nn.Module:
+        return decoder_layers(self.model)[index]
+
+    def release(self, index: int, block: nn.Module) -> None:
+        decoder_layers(self.model)[index] = block.to("cpu")
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The model's logits from the last block's output (final norm, then head)."""
+        norm, head = (self.model.get_submodule(n) for n in (self.arch.final_norm, self.arch.head))
+        return head(norm(hidden.to(head.weight.device)))
+
+    def close(self) -> None:
+        pass
+
+
+class StreamedBlocks(ResidentBlocks):
+    """Blocks from ``weights`` (prunekit.weights) into the skeleton ``model`` one at a time; each
+    pruned block's tensors go to ``writer`` (prunekit.checkpoint.ShardWriter; None: nowhere) and
+    its N:M check to ``checks``, since the block is gone when the run ends."""
+
+    def __init__(self, model: nn.Module, weights, writer, n_m: tuple[int, int] | None = None):
+        super().__init__(model)
+        self.weights, self.writer, self.n_m = weights, writer, n_m
+        self.checks = []
+
+    def _module(self, name: str) -> nn.Module:
+        return self.model.get_submodule(name)
+
+    def _write(self, name: str, module: nn.Module) -> None:
+        if self.writer is None:  # a process other than rank 0 under torchrun
+            return
+        self.writer.write({f"{name}.{key}": value for key, value in module.state_dict().items()})
+
+    def open_embedding(self, token_ids: torch.Tensor) -> None:
+        """Only the rows of the tokens that occur: the rest of an uninitialized tensor is never
+        touched, so it takes no memory (a 150k-token embedding is 1 GB in float32; the rows that
+        16k calibration tokens use are a few MB)."""
+        name = f"{self.arch.embedding}.weight"
+        weight = torch.empty(self.weights.shape(name))
+        used = torch.unique(token_ids)
+        for start, rows in self.weights.row_blocks(name):
+            chosen = used[(used >= start) & (used < start + rows.shape[0])]
+            weight[chosen] = rows[chosen - start]
+        self._module(self.arch.embedding).weight = nn.Parameter(weight, requires_grad=False)
+
+    def close_embedding(self) -> None:
+        name = f"{self.arch.embedding}.weight"
+        if self.writer is not None:
+            self.writer.write_rows(name, self.weights.shape(name), self.weights.row_blocks(name))
+        self._module(self.arch.embedding).to("meta")
+
+    def load(self, index: int) -> nn.Module:
+        block = decoder_layers(self.model)[index]
+        return self.weights.materialize(block, f"{self.arch.layers}.{index}")
+
+    def release(self, index: int, block: nn.Module) -> None:
+        block = block.to("cpu")
+        self.checks += check_block(self.model, index, block, self.n_m)
+        self._write(f"{self.arch.layers}.{index}", block)
+        decoder_layers(self.model)[index] = block.to("meta")
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The final norm, then the head a block of vocabulary rows at a time (never whole)."""
+        norm = self.weights.materialize(self._module(self.arch.final_norm), self.arch.final_norm)
+        hidden = norm(hidden)
+        name = f"{self.arch.head}.weight"
+        logits = torch.empty(*hidden.shape[:-1], self.weights.shape(name)[0])
+        for start, rows in self.weights.row_blocks(name):
+            logits[..., start:start + rows.shape[0]] = hidden @ rows.T
+        return logits
+
+    def close(self) -> None:
+        """The final norm, and the head unless it is tied to the embedding (saved once, as it)."""
+        norm = self.weights.materialize(self._module(self.arch.final_norm), self.arch.final_norm)
+        self._write(self.arch.final_norm, norm)
+        norm.to("meta")
+        name = f"{self.arch.head}.weight"
+        if not getattr(self.model.config, "tie_word_embeddings", False) and self.writer is not None:
+            self.writer.write_rows(name, self.weights.shape(name), self.weights.row_blocks(name))
+        self.model.tie_weights()  # materializing gave a tied head its own Parameter

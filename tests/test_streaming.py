@@ -1,0 +1,82 @@
+"""Streamed pruning (one decoder block in memory): the same masks, weights and logits as pruning
+the model in memory, for every family, from a safetensors folder; the GGUF source on the default."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from prunekit.checkpoint import ShardWriter, probe_ids, probe_mismatch, probe_record
+from prunekit.models import load_model, open_streamed
+from prunekit.pruning.engine import add_upper_gram, symmetrize_
+from prunekit.pruning.run import prune
+from tests.conftest import FAMILIES, make_tiny
+
+METHODS = [("wanda", "2:4", 0.5, {}), ("sparsegpt", "unstructured", 0.5, {}),
+           ("fasp", "structured", 0.3, {"channel_multiple": 8})]
+
+
+def test_symmetrize_in_place_matches_the_full_gram():
+    x = torch.randn(50, 300, dtype=torch.float64)
+    upper = torch.zeros(300, 300, dtype=torch.float64)
+    add_upper_gram(upper, x, panel=64)
+    torch.testing.assert_close(symmetrize_(upper, panel=64), x.T @ x)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method,pattern,sparsity,options", METHODS, ids=[m[0] for m in METHODS])
+def test_streamed_prune_equals_in_memory_prune(family, method, pattern, sparsity, options, tokenizer,
+                                               calib_ids, tmp_path):
+    source = tmp_path / "dense"
+    make_tiny(family, layers=3).save_pretrained(source)
+    tokenizer.save_pretrained(source)
+
+    resident = prune(load_model(source), method, sparsity, pattern, calib_ids=calib_ids, progress=False, **options)
+    streamed_model = open_streamed(source)
+    assert all(p.is_meta for p in streamed_model.model.parameters())
+    writer = ShardWriter(tmp_path / "pruned")
+    streamed = prune(streamed_model, method, sparsity, pattern, calib_ids=calib_ids, progress=False,
+                     writer=writer, probe=probe_ids(tokenizer), **options)
+    manifest = {**streamed.manifest(str(source)), "probe": probe_record(tokenizer, streamed.probe_logits)}
+    writer.finish(streamed.model, tokenizer, manifest)
+
+    assert streamed.mask_hash == resident.mask_hash
+    assert streamed.check == resident.check
+    assert streamed.parameters_after == resident.parameters_after
+    assert all(p.is_meta for p in streamed.model.parameters())  # nothing of the model stayed resident
+    reloaded = load_model(tmp_path / "pruned")
+    assert probe_mismatch(reloaded.model, tokenizer, manifest["probe"]) < 1e-5
+    ids = calib_ids[:2]
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.model(ids).logits, resident.model(ids).logits, rtol=1e-4, atol=1e-4)
+    index = json.loads((tmp_path / "pruned" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(reloaded.model.state_dict()) - (
+        {"lm_head.weight"} if reloaded.model.config.tie_word_embeddings else set())
+
+
+def test_streamed_source_refuses_a_checkpoint_missing_a_block(tokenizer, calib_ids, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from prunekit.errors import UserInputError
+
+    source = tmp_path / "dense"
+    make_tiny("qwen2", layers=2).save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    weights = load_file(source / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if not k.startswith("model.layers.1.mlp.down")},
+              source / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(UserInputError, match="lacks model.layers.1.mlp.down_proj.weight"):
+        prune(open_streamed(source), "wanda", 0.5, "unstructured", calib_ids=calib_ids, progress=False,
+              writer=ShardWriter(tmp_path / "out"))
+
+
+@pytest.mark.e2e
+def test_gguf_source_reads_the_tensors_transformers_loads():
+    """Every tensor of the embedded default, read one at a time, equals transformers' whole-file load
+    (LLaMA's q/k permutation included)."""
+    streamed, loaded = open_streamed(None), load_model(None)
+    state = loaded.model.state_dict()
+    for name, tensor in state.items():
+        assert torch.equal(streamed.weights.get(name), tensor), name
