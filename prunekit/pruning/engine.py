@@ -22,7 +22,7 @@ GRAM_PANEL = 256  # columns per panel of XᵀX: small enough to skip most of the
 
 def add_upper_gram(accumulator: torch.Tensor, x: torch.Tensor, panel: int = GRAM_PANEL) -> None:
     """accumulator += XᵀX, computed only on and above the diagonal panels (read it back with
-    ``symmetric``): torch has no symmetric rank-k update, and a full XᵀX does twice the work."""
+    ``symmetrize_``): torch has no symmetric rank-k update, and a full XᵀX does twice the work."""
     features = x.shape[1]
     for start in range(0, features, panel):
         stop = min(start + panel, features)
@@ -31,8 +31,9 @@ def add_upper_gram(accumulator: torch.Tensor, x: torch.Tensor, panel: int = GRAM
 
 
 def symmetrize_(upper: torch.Tensor, panel: int = GRAM_PANEL) -> torch.Tensor:
-    """``symmetric`` in place, panel by panel: a 9k-wide float64 Gram is 640 MB, and the
-    out-of-place version holds four of them at once."""
+    """The full matrix from one whose upper triangle is right (``add_upper_gram``'s accumulator),
+    in place, panel by panel: a 9k-wide float64 Gram is 640 MB, and triu(U) + triu(U, 1)ᵀ holds
+    four of them at once."""
     features = upper.shape[0]
     for start in range(0, features, panel):
         stop = min(start + panel, features)
@@ -241,7 +242,6 @@ def prune_layerwise(model, input_ids: torch.Tensor, pruner: BlockPruner, batch_s
     saved checkpoint against the model as it was pruned."""
     from prunekit.exporters.latency import peak_rss_gb
     from prunekit.pruning.blocks import ResidentBlocks
-
     from prunekit.pruning.distributed import my_batches
 
     blocks = blocks or ResidentBlocks(model)
