@@ -39,13 +39,16 @@ class ShardWriter:
         self.total_bytes = 0
         self._shards = 0
 
+    def _next_file(self) -> str:
+        self._shards += 1
+        return f"model-{self._shards:05d}.safetensors"
+
     def write(self, tensors: dict[str, torch.Tensor]) -> None:
         from safetensors.torch import save_file
 
         if not tensors:
             return
-        self._shards += 1
-        name = f"model-{self._shards:05d}.safetensors"
+        name = self._next_file()
         save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(self.folder / name),
                   metadata={"format": "pt"})
         for key, tensor in tensors.items():
@@ -60,8 +63,7 @@ class ShardWriter:
         header = json.dumps({"__metadata__": {"format": "pt"},
                              name: {"dtype": "F32", "shape": list(shape), "data_offsets": [0, count]}}).encode()
         header += b" " * (-len(header) % 8)
-        self._shards += 1
-        file = f"model-{self._shards:05d}.safetensors"
+        file = self._next_file()
         written = 0
         with open(self.folder / file, "wb") as out:
             out.write(len(header).to_bytes(8, "little") + header)

@@ -16,6 +16,7 @@ import sys
 import traceback
 
 from prunekit.errors import PrunekitError
+from prunekit.memory import parse_size
 from prunekit.pattern import Pattern
 from prunekit.profile import PRECISIONS, builtin_profile_names
 from prunekit.pruning.registry import METHODS
@@ -68,26 +69,21 @@ def _integer(low: int, high: int | None = None, what: str = ""):
     return parse
 
 
-def _pattern(text: str) -> Pattern:
-    from prunekit.errors import UserInputError
+def _checked(parse):
+    """An argparse type from a parser that raises UserInputError (one message for both)."""
+    def check(text: str):
+        from prunekit.errors import UserInputError
 
-    try:
-        return Pattern.parse(text)  # parsed once, here; the flows take the Pattern
-    except UserInputError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+        try:
+            return parse(text)
+        except UserInputError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return check
 
 
+_pattern = _checked(Pattern.parse)  # parsed once, here; the flows take the Pattern
+_size = _checked(parse_size)
 _positive = _integer(1)
-
-
-def _size(text: str) -> int:
-    from prunekit.errors import UserInputError
-    from prunekit.memory import parse_size
-
-    try:
-        return parse_size(text)
-    except UserInputError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 _seqlen = _integer(2, what="a sequence needs at least 2 tokens")
 _seed = _integer(0, 2**63 - 1, "use an integer in [0, 2^63 - 1]")
 

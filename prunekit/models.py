@@ -57,24 +57,33 @@ def default_gguf_path() -> Path:
     return files[0]
 
 
-def load_model(path_or_id: str | Path | None = None, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load a LLaMA-family causal LM in eval mode; every failure is a one-line UserInputError."""
+def _locate(path_or_id: str | Path | None) -> tuple[str, Path | str, str]:
+    """What ``--model`` names: ("gguf", file, source), ("folder", folder, source) or ("hub", id, id);
+    a one-line UserInputError for a path that is none of them."""
     if path_or_id is None:
-        return _load_gguf(default_gguf_path(), dtype, source=DEFAULT_MODEL_NAME)
+        return "gguf", default_gguf_path(), DEFAULT_MODEL_NAME
     text = str(path_or_id)
     path = Path(text).expanduser()
     if text.endswith(".gguf"):
         if not path.is_file():
             raise UserInputError(f"model file {text} does not exist: pass an existing .gguf file")
-        return _load_gguf(path, dtype, source=str(path))
+        return "gguf", path, str(path)
     if path.exists():
         if not path.is_dir():
             raise UserInputError(f"model {text} is a file but not .gguf: pass a model folder or a .gguf file")
-        return _load_folder(path, dtype)
+        return "folder", path, str(path)
     if text.startswith((".", "/", "~")) or text.count("/") > 1:
         raise UserInputError(f"model folder {text} does not exist: pass an existing folder, a .gguf "
                              f"file, or a Hugging Face id")
-    return _load_hub(text, dtype)
+    return "hub", text, text
+
+
+def load_model(path_or_id: str | Path | None = None, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load a LLaMA-family causal LM in eval mode; every failure is a one-line UserInputError."""
+    kind, where, source = _locate(path_or_id)
+    if kind == "gguf":
+        return _load_gguf(where, dtype, source=source)
+    return _load_folder(where, dtype) if kind == "folder" else _load_hub(where, dtype)
 
 
 def open_streamed(path_or_id: str | Path | None = None) -> LoadedModel:
@@ -83,25 +92,13 @@ def open_streamed(path_or_id: str | Path | None = None) -> LoadedModel:
     tokenizer. The same inputs and the same one-line errors as ``load_model``."""
     from prunekit.weights import GGUFWeights, SafetensorsWeights, empty_model
 
-    if path_or_id is None:
-        path, source = default_gguf_path(), DEFAULT_MODEL_NAME
-    else:
-        text = str(path_or_id)
-        path = Path(text).expanduser()
-        source = str(path)
-        if not text.endswith(".gguf") and not path.exists():
-            if text.startswith((".", "/", "~")) or text.count("/") > 1:
-                raise UserInputError(f"model folder {text} does not exist: pass an existing folder, a .gguf "
-                                     f"file, or a Hugging Face id")
-            path, source = _hub_snapshot(text), text
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise UserInputError(f"model file {path} does not exist: pass an existing .gguf file")
+    kind, path, source = _locate(path_or_id)
+    if kind == "gguf":
         config, tokenizer = _gguf_config(path)
         skeleton = empty_model(config)
         return LoadedModel(skeleton, tokenizer, source, weights=GGUFWeights(path, config, skeleton))
-    if not path.is_dir():
-        raise UserInputError(f"model {path} is a file but not .gguf: pass a model folder or a .gguf file")
+    if kind == "hub":
+        path = _hub_snapshot(path)
     config = _folder_config(path)
     manifest = read_manifest(path)
     skeleton = empty_model(config)
@@ -122,10 +119,7 @@ def _hub_snapshot(model_id: str) -> Path:
     """A hub model's files in the local cache (config, tokenizer, safetensors), fetched if needed."""
     from huggingface_hub import snapshot_download
 
-    why = _hub_unreachable(model_id)
-    if why:
-        raise UserInputError(f"could not fetch '{model_id}' from the Hugging Face hub: {why}; pass a local "
-                             f"folder or .gguf file, or omit --model for the embedded default")
+    _require_hub(model_id)
     try:
         return Path(snapshot_download(model_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
     except Exception as exc:
@@ -251,13 +245,18 @@ def _hub_unreachable(model_id: str) -> str | None:
     return None
 
 
-def _load_hub(model_id: str, dtype) -> LoadedModel:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
+def _require_hub(model_id: str) -> None:
+    """A one-line error, at once, when the hub cannot serve ``model_id`` now."""
     why = _hub_unreachable(model_id)
     if why:
         raise UserInputError(f"could not fetch '{model_id}' from the Hugging Face hub: {why}; pass a local "
                              f"folder or .gguf file, or omit --model for the embedded default")
+
+
+def _load_hub(model_id: str, dtype) -> LoadedModel:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    _require_hub(model_id)
     try:
         config = AutoConfig.from_pretrained(model_id)
     except Exception as exc:

@@ -317,10 +317,11 @@ def prune_to_folder(out: str | Path, method: str, model: str | None = None, spar
         say(f"opening {model or 'the embedded default model'} (streamed: one decoder block in memory at a time)",
             quiet)
         loaded = open_streamed(model)
+        budget = max_memory or machine_bytes()
         batch_size, need = calibration_batch(loaded.model.config, method, calibration.samples, calibration.seqlen,
-                                             max_memory or machine_bytes())
+                                             budget)
         say(f"memory: about {need.total / 1e9:.1f} GB at a calibration batch of {batch_size} "
-            f"(budget {(max_memory or machine_bytes()) / 1e9:.1f} GB)", quiet)
+            f"(budget {budget / 1e9:.1f} GB)", quiet)
     with (staged_output(out, force) if is_writer() else contextlib.nullcontext(None)) as stage:
         writer = ShardWriter(stage) if loaded.streamed and stage else None
         result = prune(loaded, method, sparsity, parsed, calib=calibration.source,

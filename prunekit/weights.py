@@ -28,7 +28,8 @@ class WeightSource:
 
     config = None
 
-    def names(self) -> list[str]:
+    def names(self):
+        """Every tensor name the checkpoint holds (a set-like view)."""
         raise NotImplementedError
 
     def _read(self, name: str) -> torch.Tensor:
@@ -36,12 +37,12 @@ class WeightSource:
 
     def _resolve(self, name: str) -> str:
         arch = architecture_for(self.config)
-        if name == f"{arch.head}.weight" and name not in self._name_set():
+        if name == f"{arch.head}.weight" and name not in self.names():
             if not getattr(self.config, "tie_word_embeddings", False):
                 raise UserInputError(f"the checkpoint has no {name} and its config does not tie it to the "
                                      f"embedding: pass the complete model")
             name = f"{arch.embedding}.weight"
-        if name not in self._name_set():
+        if name not in self.names():
             raise UserInputError(f"the checkpoint lacks {name}: pass the complete model, unmodified")
         return name
 
@@ -62,11 +63,6 @@ class WeightSource:
         for start in range(0, total, rows):
             yield start, self._read_rows(name, start, min(start + rows, total)).to(dtype)
 
-    def _name_set(self) -> set[str]:
-        if not hasattr(self, "_names_cache"):
-            self._names_cache = set(self.names())
-        return self._names_cache
-
     def materialize(self, module: nn.Module, prefix: str, dtype: torch.dtype = torch.float32) -> nn.Module:
         """Give every parameter of ``module`` (named ``prefix``.* in the checkpoint) its weights."""
         wanted = dict(module.named_parameters())
@@ -77,8 +73,8 @@ class WeightSource:
                 raise UserInputError(f"{prefix}.{key} has shape {tuple(tensor.shape)} in the checkpoint, "
                                      f"{tuple(meta.shape)} in its config: pass the model unmodified")
             state[key] = tensor
-        buffers = {k: b for k, b in module.named_buffers() if k in module.state_dict()}
-        state.update(buffers)
+        persistent = module.state_dict().keys()  # buffers saved with the module must be passed back
+        state.update({k: b for k, b in module.named_buffers() if k in persistent})
         module.load_state_dict(state, strict=True, assign=True)
         return module
 
@@ -101,8 +97,8 @@ class GGUFWeights(WeightSource):
         to_hf = get_gguf_hf_weights_map(skeleton, self._processor)
         self._tensors = {to_hf[t.name]: t for t in self._reader.tensors if t.name in to_hf}
 
-    def names(self) -> list[str]:
-        return list(self._tensors)
+    def names(self):
+        return self._tensors.keys()
 
     def _rows(self, tensor, start: int, stop: int):
         """Rows [start, stop) of the tensor's stored (quantized) array, read from the file."""
@@ -183,8 +179,8 @@ class SafetensorsWeights(WeightSource):
                 self._entries[key] = (handle, _SAFETENSORS_DTYPES[entry["dtype"]], entry["shape"], 8 + size + begin,
                                       end - begin)
 
-    def names(self) -> list[str]:
-        return list(self._entries)
+    def names(self):
+        return self._entries.keys()
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._entries[self._resolve(name)][2])

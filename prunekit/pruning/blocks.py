@@ -59,6 +59,11 @@ class StreamedBlocks(ResidentBlocks):
             return
         self.writer.write({f"{name}.{key}": value for key, value in module.state_dict().items()})
 
+    def _write_rows(self, name: str) -> None:
+        """A 2-D tensor straight from the source to the output, a block of rows at a time."""
+        if self.writer is not None:
+            self.writer.write_rows(name, self.weights.shape(name), self.weights.row_blocks(name))
+
     def open_embedding(self, token_ids: torch.Tensor) -> None:
         """Only the rows of the tokens that occur: the rest of an uninitialized tensor is never
         touched, so it takes no memory (a 150k-token embedding is 1 GB in float32; the rows that
@@ -72,9 +77,7 @@ class StreamedBlocks(ResidentBlocks):
         self._module(self.arch.embedding).weight = nn.Parameter(weight, requires_grad=False)
 
     def close_embedding(self) -> None:
-        name = f"{self.arch.embedding}.weight"
-        if self.writer is not None:
-            self.writer.write_rows(name, self.weights.shape(name), self.weights.row_blocks(name))
+        self._write_rows(f"{self.arch.embedding}.weight")
         self._module(self.arch.embedding).to("meta")
 
     def load(self, index: int) -> nn.Module:
@@ -102,7 +105,6 @@ class StreamedBlocks(ResidentBlocks):
         norm = self.weights.materialize(self._module(self.arch.final_norm), self.arch.final_norm)
         self._write(self.arch.final_norm, norm)
         norm.to("meta")
-        name = f"{self.arch.head}.weight"
-        if not getattr(self.model.config, "tie_word_embeddings", False) and self.writer is not None:
-            self.writer.write_rows(name, self.weights.shape(name), self.weights.row_blocks(name))
+        if not getattr(self.model.config, "tie_word_embeddings", False):
+            self._write_rows(f"{self.arch.head}.weight")
         self.model.tie_weights()  # materializing gave a tied head its own Parameter

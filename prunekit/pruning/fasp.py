@@ -70,11 +70,10 @@ class KeptSystem:
     products with W. Small next to the Grams themselves (a 9k-wide MLP's two float64 Grams are
     1.3 GB), which can be freed once this is built."""
 
-    weight: torch.Tensor  # W, float64 on the CPU
     cut: torch.Tensor  # W[:, S]
-    G_SS: torch.Tensor
-    rhs: torch.Tensor  # W G[:, S]
-    held: bool  # whether there are held-out tokens at all
+    held: bool  # whether there are held-out tokens at all; without them the cut stands and nothing else is built
+    G_SS: torch.Tensor | None = None
+    rhs: torch.Tensor | None = None  # W G[:, S]
     target: float = 0.0  # tr(W Gh Wᵀ)
     cross_with: torch.Tensor | None = None  # W Gh[:, S]
     Gh_SS: torch.Tensor | None = None
@@ -83,15 +82,16 @@ class KeptSystem:
 def kept_system(weight: torch.Tensor, keep: torch.Tensor, gram: torch.Tensor,
                 held_gram: torch.Tensor | None) -> KeptSystem:
     W = weight.detach().cpu().to(torch.float64)  # statistics live on the CPU
-    G = gram.to(torch.float64)
+    system = KeptSystem(W[:, keep], held_gram is not None and bool(held_gram.any()))
+    if not system.held:
+        return system
+    G, Gh = gram.to(torch.float64), held_gram.to(torch.float64)
     rows = keep.reshape(-1, 1)
-    system = KeptSystem(W, W[:, keep], G[rows, keep], W @ G[:, keep], held_gram is not None and bool(held_gram.any()))
-    if system.held:
-        Gh = held_gram.to(torch.float64)
-        # ‖W'X_S − WX‖² on held-out tokens = tr(W Gh Wᵀ) − 2 tr(W' Gh[S,:] Wᵀ) + tr(W' Gh[S,S] W'ᵀ)
-        system.target = float((W @ Gh * W).sum())
-        system.cross_with = W @ Gh[:, keep]
-        system.Gh_SS = Gh[rows, keep]
+    system.G_SS, system.rhs = G[rows, keep], W @ G[:, keep]
+    # ‖W'X_S − WX‖² on held-out tokens = tr(W Gh Wᵀ) − 2 tr(W' Gh[S,:] Wᵀ) + tr(W' Gh[S,S] W'ᵀ)
+    system.target = float((W @ Gh * W).sum())
+    system.cross_with = W @ Gh[:, keep]
+    system.Gh_SS = Gh[rows, keep]
     return system
 
 
