@@ -18,7 +18,7 @@ from pathlib import Path
 from prunekit.errors import UserInputError
 
 GB = 1e9
-PROCESS_BYTES = 0.9e9  # Python, torch, transformers and a 150k-token tokenizer, measured (bench/memory.py)
+PROCESS_BYTES = 0.6e9  # Python, torch, transformers and a 150k-token tokenizer: 0.49 GB measured (docs/memory.md)
 BATCHES = (8, 4, 2, 1)
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -84,7 +84,12 @@ def streamed_prune_memory(config, method: str, samples: int, seqlen: int, batch:
     tokens = batch * seqlen
     # One batch through a block: q/k/v/o and the MLP's gate, up and their product, attention scores.
     work = 4 * tokens * (3 * inner + 4 * hidden + heads * head_dim * 2) + 4 * batch * heads * seqlen * seqlen
-    grams = {"fasp": 2 * (inner**2 + (heads * head_dim) ** 2) * 8 * 1.5,  # fit + held out, and the refit's copies
+    values = heads * head_dim
+    held = samples * seqlen / 8  # FASP holds an eighth of the calibration out, as rows
+    # FASP: float32 Grams of the consumers' inputs, the held-out rows, and the MLP refit's kept
+    # block of the Gram (at most 70% of the channels kept: half the square) in float32 beside its
+    # float64 system. SparseGPT: float64 Grams and H⁻¹.
+    grams = {"fasp": 4 * (inner**2 + values**2) + 4 * held * (inner + values) + 12 * inner**2 / 2,
              "sparsegpt": 2 * max(inner, hidden) ** 2 * 8 * 2}.get(method, 0.0)
     return PruneMemory(process=PROCESS_BYTES, embedding=4 * config.vocab_size * hidden, block=2 * block,
                        activations=4 * samples * seqlen * hidden, batch=work, statistics=grams)

@@ -90,12 +90,14 @@ class GGUFWeights(WeightSource):
                                                               get_gguf_hf_weights_map)
 
         self.config = config
-        self._reader = gguf.GGUFReader(path)
+        reader = gguf.GGUFReader(path)
         self._file = open(path, "rb")
-        family = bytes(self._reader.fields["general.architecture"].parts[-1]).decode()
+        family = bytes(reader.fields["general.architecture"].parts[-1]).decode()
         self._processor = TENSOR_PROCESSORS.get(family, TensorProcessor)(config=config.to_dict())
         to_hf = get_gguf_hf_weights_map(skeleton, self._processor)
-        self._tensors = {to_hf[t.name]: t for t in self._reader.tensors if t.name in to_hf}
+        # Only the tensor table is kept: the reader's parsed metadata (a 150k-token vocabulary as
+        # numpy arrays, one per string) is 400 MB of a 1.5B file's run, and the tokenizer has it.
+        self._tensors = {to_hf[t.name]: t for t in reader.tensors if t.name in to_hf}
 
     def names(self):
         return self._tensors.keys()

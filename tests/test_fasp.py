@@ -9,7 +9,8 @@ from prunekit.checkpoint import save_checkpoint
 from prunekit.errors import UserInputError
 from prunekit.models import LoadedModel, load_model
 from prunekit.pruning.engine import InputStats
-from prunekit.pruning.fasp import FaspPruner, Refit, column_scores, kept_width, restore_columns
+from prunekit.pruning.fasp import FaspPruner, Refit, column_scores, kept_width
+from prunekit.pruning.restoration import restore_columns
 from prunekit.pruning.run import prune
 from prunekit.pruning.structure import set_value_head_dim, shrink_linear
 
@@ -39,13 +40,13 @@ def test_restoration_refits_and_never_loses_on_held_out():
     X, Xh = torch.randn(2000, 16) @ mix, torch.randn(500, 16) @ mix
     W = torch.randn(8, 16)
     keep = torch.arange(10)
-    new, info = restore_columns(W, keep, X.T @ X, Xh.T @ Xh, (1e-3, 1e-2))
+    new, info = restore_columns(W, keep, X.T @ X, Xh, (1e-3, 1e-2))
     err = lambda w: ((Xh[:, keep] @ w.T - Xh @ W.T) ** 2).sum()  # noqa: E731
     assert info["lambda"] is not None and err(new) < 0.5 * err(W[:, keep])
     # a tolerance trades a little held-out gain for a refit closer to the cut (a larger λ)
     grid = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
-    sharp, sharp_info = restore_columns(W, keep, X.T @ X, Xh.T @ Xh, grid)
-    soft, soft_info = restore_columns(W, keep, X.T @ X, Xh.T @ Xh, grid, tolerance=0.3)
+    sharp, sharp_info = restore_columns(W, keep, X.T @ X, Xh, grid)
+    soft, soft_info = restore_columns(W, keep, X.T @ X, Xh, grid, tolerance=0.3)
     assert soft_info["lambda"] >= sharp_info["lambda"]
     gain = err(W[:, keep]) - err(sharp)
     assert err(soft) <= err(sharp) + 0.3 * gain + 1e-6
@@ -60,17 +61,37 @@ def test_restoration_refits_and_never_loses_on_held_out():
     assert torch.allclose(sharp.double(), expected, atol=1e-4)
     # with too few fit tokens the refit overfits, and the held-out check keeps the plain cut
     few = X[:9]
-    new, info = restore_columns(W, keep, few.T @ few, Xh.T @ Xh, (1e-6,))
+    new, info = restore_columns(W, keep, few.T @ few, Xh, (1e-6,))
     assert err(new) <= err(W[:, keep]) + 1e-3
+
+
+def test_lambda_search_walks_downhill_from_the_previous_choice():
+    # The held-out error is unimodal in λ: starting anywhere on the grid, the walk finds the λ a
+    # scan of the whole grid finds, and started at it, it factorizes three times, not ten.
+    torch.manual_seed(1)
+    mix = torch.randn(24, 24)
+    X, Xh = torch.randn(40, 24) @ mix, torch.randn(100, 24) @ mix  # few fit tokens: overfits at small λ
+    W, keep, grid = torch.randn(6, 24), torch.arange(0, 24, 2), FaspPruner.lambdas
+    errors = {}
+    for lam in grid:
+        _, info = restore_columns(W, keep, X.T @ X, Xh, (lam,))
+        errors[lam] = info["heldout_error_vs_cut"]
+    scanned = min(grid, key=errors.get)
+    assert grid[0] < scanned < grid[-1]  # an interior optimum: the walk has to find it
+    for start in (None, grid[0], scanned, grid[-1]):
+        _, info = restore_columns(W, keep, X.T @ X, Xh, grid, start=start)
+        assert info["lambda"] == scanned
+        if start == scanned:
+            assert info["lambdas_tried"] == 3
 
 
 def test_centered_refit_does_not_rebuild_a_removed_channels_mean():
     # The removed channel shares only its calibration mean with the kept one: a refit on XᵀX
     # rebuilds that mean from the kept channel (wrong on text with other means); o_proj's does not.
     torch.manual_seed(0)
-    stats = InputStats(2, want_gram=True)
+    stats = InputStats(2, want_gram=True, held_tokens=500)
     for held_out in (False,) * 7 + (True,):
-        stats.add(torch.randn(500, 2) * 0.1 + 5.0, held_out)
+        stats.add(torch.randn(500, 2) * 0.1 + 5.0, 0 if held_out else None)
     consumer = nn.Linear(2, 1, bias=False)
     consumer.weight.data = torch.tensor([[1.0, 1.0]])
     keep = torch.tensor([0])
@@ -86,15 +107,16 @@ def test_centered_refit_keeps_the_cuts_output_mean():
     # A covariance does not see the output mean: unconstrained, the centered refit moves W'μ_S
     # away from the cut's; held at the cut's, it still fits the variation better than the cut.
     torch.manual_seed(0)
-    stats = InputStats(6, want_gram=True)
+    stats = InputStats(6, want_gram=True, held_tokens=400)
     mix, offset = torch.randn(6, 6), torch.tensor([3.0, -2.0, 1.0, 4.0, 0.5, -1.0])
     for held_out in (False,) * 7 + (True,):
-        stats.add(torch.randn(400, 6) @ mix + offset, held_out)
+        stats.add(torch.randn(400, 6) @ mix + offset, 0 if held_out else None)
     consumer = nn.Linear(6, 3, bias=False)
     torch.nn.init.normal_(consumer.weight)
     keep = torch.tensor([0, 2, 3, 5])
     mu, cut = stats.mean[keep].float(), consumer.weight.data[:, keep]
-    C = stats.held_covariance.float()
+    centered = stats.held_rows - stats.mean.float()
+    C = centered.T @ centered
     held, _ = FaspPruner(0.5)._refit(consumer, keep, copy.deepcopy(stats), Refit(centered=True, hold_mean=True))
     free, _ = FaspPruner(0.5)._refit(consumer, keep, stats, Refit(centered=True))
     assert torch.allclose(held @ mu, cut @ mu, atol=1e-4)

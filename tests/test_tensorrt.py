@@ -98,3 +98,24 @@ def test_a_dense_choice_ships_without_a_pattern_check(tmp_path):
     assert outcome.status == "written" and "nm_after_export" not in outcome.checks
     assert (tmp_path / "stage" / "onnx" / "model.onnx").is_file()
 
+
+
+def test_int8_candidates_are_judged_on_the_qdq_onnx_tensorrt_builds_from(tmp_path):
+    """Rounding only the weights in torch leaves out what INT8 QDQ costs (the activations): the
+    search judges a TensorRT INT8 candidate on the file the back end ships, in ONNX Runtime."""
+    from prunekit.evaluation import measure_quality
+    from prunekit.exporters.onnx import OnnxDecoder, onnx_logits
+    from prunekit.profile import load_profile
+    from prunekit.targets import candidate_builder
+    from prunekit.targets.tensorrt_sparse import export_for_tensorrt
+
+    ids = torch.randint(3, 300, (4, 16), generator=torch.Generator().manual_seed(0))
+    model = make_tiny_llama()
+    builder = candidate_builder(load_profile("a100-tensorrt-sparse"), tmp_path, ids[0], quiet=True,
+                                calibration=list(ids))
+    fp16, int8 = builder.build(model, 0.0, ("fp16", "int8"), ids[:2], model)
+    assert "QDQ" in int8.quality_by and "torch" in fp16.quality_by
+    assert not list(tmp_path.glob("judge-*"))  # the judged files are gone
+    shipped, _, _ = export_for_tensorrt(model, tmp_path / "ship", ids[0], True, list(ids))
+    expected = measure_quality(onnx_logits(OnnxDecoder(shipped)), ids[:2], model)
+    assert int8.ppl_increase == pytest.approx(expected.increase_pct, abs=1e-6)

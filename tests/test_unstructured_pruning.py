@@ -43,19 +43,18 @@ def test_same_seed_same_masks(tokenizer, text_file):
 def test_input_stats_gram_is_xtx_split_into_fit_and_held_out():
     torch.manual_seed(0)
     fit, held = torch.randn(3, 40, 300) + 2, torch.randn(2, 40, 300) - 1  # 300: panels of 256 and 44
-    stats = InputStats(300, want_gram=True)
+    stats = InputStats(300, want_gram=True, held_tokens=100)
     for batch in fit:
-        stats.add(batch, held_out=False)
-    stats.add(held, held_out=True)
+        stats.add(batch)
+    stats.add(held, held_at=20)  # rows 20..99; rows 0..19 belong to another process
     X, Xh = fit.reshape(-1, 300).double(), held.reshape(-1, 300).double()
     assert torch.allclose(stats.gram, X.T @ X, atol=1e-3)
-    assert torch.allclose(stats.held_gram, Xh.T @ Xh, atol=1e-3)
+    assert torch.equal(stats.held_rows[20:], held.reshape(-1, 300)) and not stats.held_rows[:20].any()
     assert torch.allclose(stats.sumsq, (X * X).sum(0) + (Xh * Xh).sum(0), atol=1e-3)
     # centered on the mean of every token, fit and held out alike
     mu = torch.cat([X, Xh]).mean(0)
     assert torch.allclose(stats.mean, mu, atol=1e-6)
     assert torch.allclose(stats.covariance, (X - mu).T @ (X - mu), atol=1e-3)
-    assert torch.allclose(stats.held_covariance, (Xh - mu).T @ (Xh - mu), atol=1e-3)
     assert InputStats(300, want_gram=False).gram is None
 
 

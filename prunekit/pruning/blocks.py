@@ -8,6 +8,8 @@ dropped, so memory holds one block (plus the embedding while the inputs of block
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
 from torch import nn
 
@@ -38,6 +40,16 @@ class ResidentBlocks:
         return head(norm(hidden.to(head.weight.device)))
 
     def close(self) -> None:
+        pass
+
+
+def return_freed_memory() -> None:
+    """Hand the heap's free pages back to the system (glibc's malloc_trim). A block's tensors of a
+    few MB come from the heap, not from their own mapping, and the pages they leave stay in RSS:
+    measured on Qwen2.5-Coder-1.5B, ~35 MB more per block without this. A no-op without glibc."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
         pass
 
 
@@ -79,6 +91,7 @@ class StreamedBlocks(ResidentBlocks):
     def close_embedding(self) -> None:
         self._write_rows(f"{self.arch.embedding}.weight")
         self._module(self.arch.embedding).to("meta")
+        return_freed_memory()
 
     def load(self, index: int) -> nn.Module:
         block = decoder_layers(self.model)[index]
@@ -89,6 +102,7 @@ class StreamedBlocks(ResidentBlocks):
         self.checks += check_block(self.model, index, block, self.n_m)
         self._write(f"{self.arch.layers}.{index}", block)
         decoder_layers(self.model)[index] = block.to("meta")
+        return_freed_memory()
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The final norm, then the head a block of vocabulary rows at a time (never whole)."""

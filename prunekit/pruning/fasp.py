@@ -20,6 +20,7 @@ from torch import nn
 from prunekit.arch import architecture_for, attention_shape
 from prunekit.errors import UserInputError
 from prunekit.pruning.engine import InputStats
+from prunekit.pruning.restoration import KeptSystem, refit_kept
 from prunekit.pruning.structure import (check_shapes, describe_structure, needs_structure_manifest,
                                         set_value_head_dim, shrink_linear)
 
@@ -40,113 +41,6 @@ def kept_width(total: int, sparsity: float, multiple: int, up: bool = False) -> 
     multiple = max(1, min(multiple, total))
     kept = (math.ceil(wanted / multiple - 1e-6) if up else math.floor(wanted / multiple + 0.5)) * multiple
     return min(max(kept, multiple), total)
-
-
-def ridge_toward_cut(G_SS: torch.Tensor, rhs: torch.Tensor, cut: torch.Tensor, lam: float,
-                     mean: torch.Tensor | None = None) -> torch.Tensor | None:
-    """W' = (rhs + λ·s W_S)(G[S,S] + λ·s I)⁻¹ with rhs = W G[:,S] and s the mean of diag G[S,S];
-    None when the system is not positive definite. With ``mean`` (μ_S), the least-squares W' under
-    W' μ_S = W_S μ_S: the refit keeps the cut's output mean."""
-    ridge = lam * torch.diag(G_SS).mean()
-    system = G_SS.clone()
-    system.diagonal().add_(ridge)  # G + λsI without an n×n identity beside it
-    factor, failed = torch.linalg.cholesky_ex(system)
-    del system
-    if failed:
-        return None
-    refit = torch.cholesky_solve((rhs + ridge * cut).T, factor).T
-    if mean is None:
-        return refit
-    direction = torch.cholesky_solve(mean.reshape(-1, 1), factor).reshape(-1)  # H⁻¹ μ_S
-    weight = float(mean @ direction)
-    if weight <= 0:
-        return refit  # inputs with zero mean: no output mean to hold
-    return refit + torch.outer((cut - refit) @ mean, direction) / weight
-
-
-@dataclass
-class KeptSystem:
-    """What refitting the kept columns S needs from the input Grams: their S×S blocks and their
-    products with W. Small next to the Grams themselves (a 9k-wide MLP's two float64 Grams are
-    1.3 GB), which can be freed once this is built."""
-
-    cut: torch.Tensor  # W[:, S]
-    held: bool  # whether there are held-out tokens at all; without them the cut stands and nothing else is built
-    G_SS: torch.Tensor | None = None
-    rhs: torch.Tensor | None = None  # W G[:, S]
-    target: float = 0.0  # tr(W Gh Wᵀ)
-    cross_with: torch.Tensor | None = None  # W Gh[:, S]
-    Gh_SS: torch.Tensor | None = None
-
-
-def kept_system(weight: torch.Tensor, keep: torch.Tensor, gram: torch.Tensor,
-                held_gram: torch.Tensor | None) -> KeptSystem:
-    W = weight.detach().cpu().to(torch.float64)  # statistics live on the CPU
-    system = KeptSystem(W[:, keep], held_gram is not None and bool(held_gram.any()))
-    if not system.held:
-        return system
-    G, Gh = gram.to(torch.float64), held_gram.to(torch.float64)
-    rows = keep.reshape(-1, 1)
-    system.G_SS, system.rhs = G[rows, keep], W @ G[:, keep]
-    # ‖W'X_S − WX‖² on held-out tokens = tr(W Gh Wᵀ) − 2 tr(W' Gh[S,:] Wᵀ) + tr(W' Gh[S,S] W'ᵀ)
-    system.target = float((W @ Gh * W).sum())
-    system.cross_with = W @ Gh[:, keep]
-    system.Gh_SS = Gh[rows, keep]
-    return system
-
-
-def restore_columns(weight: torch.Tensor, keep: torch.Tensor, gram: torch.Tensor,
-                    held_gram: torch.Tensor | None, lambdas: tuple[float, ...],
-                    tolerance: float = 0.0, mean: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-    """Refit the kept columns S so that W'·X_S matches W·X, shrunk toward the plain cut W_S:
-    W' = (W G[:,S] + λ W_S) (G[S,S] + λI)⁻¹ (λ relative to the mean of diag G[S,S]; λ → ∞ is the cut).
-    G is XᵀX, or the covariance of X to match only the variation about the mean of X; then
-    ``mean`` (the mean of X) holds W'μ_S at the cut's W_S μ_S. (``refit_kept`` on ``kept_system``.)"""
-    return refit_kept(kept_system(weight, keep, gram, held_gram), keep, lambdas, tolerance, mean,
-                      weight.device, weight.dtype)
-
-
-def refit_kept(system: KeptSystem, keep: torch.Tensor, lambdas: tuple[float, ...], tolerance: float = 0.0,
-               mean: torch.Tensor | None = None, device=None, dtype=None) -> tuple[torch.Tensor, dict]:
-    """Each λ and the cut itself are scored on held-out tokens, so the refit never makes the layer
-    worse than the cut on unseen tokens of the calibration text. With a ``tolerance``, of the λ
-    whose held-out error is within ``tolerance`` × (the best gain over the cut) of the best, the
-    largest, most cut-like, wins.
-    The held-out error is unimodal in λ (overfit, then back to the cut): the search, in increasing
-    λ, stops once past the best and outside the tolerance. The chosen λ is then refit on the fit
-    and held-out tokens together: the held-out slice only picks λ, its tokens still inform W'."""
-    cut = system.cut
-    if not system.held:
-        return cut.to(device, dtype), {"lambda": None, "reason": "no held-out tokens"}
-    cross_with, Gh_SS, target = system.cross_with, system.Gh_SS, system.target
-
-    def heldout_error(candidate: torch.Tensor) -> float:
-        return target - 2 * float((candidate * cross_with).sum()) + float((candidate @ Gh_SS * candidate).sum())
-
-    G_SS, rhs = system.G_SS, system.rhs
-    mean_S = None if mean is None else mean.to(torch.float64)[keep]
-    cut_error = heldout_error(cut)
-
-    def within_tolerance(error: float, best: float) -> bool:
-        return error <= best + tolerance * max(cut_error - best, 0.0)
-
-    tried = []  # (λ, held-out error), λ increasing
-    for lam in sorted(lambdas):
-        candidate = ridge_toward_cut(G_SS, rhs, cut, lam, mean_S)
-        if candidate is None:
-            continue  # not positive definite at this λ: a larger one will be
-        tried.append((lam, heldout_error(candidate)))
-        if not within_tolerance(tried[-1][1], min(e for _, e in tried)):
-            break  # past the best and outside the tolerance: larger λ only gets closer to the cut
-    best_error = min((e for _, e in tried), default=cut_error)
-    if best_error >= cut_error:
-        best, best_lambda, error = cut, None, cut_error
-    else:
-        best_lambda, error = [t for t in tried if within_tolerance(t[1], best_error)][-1]
-        best = ridge_toward_cut(G_SS + Gh_SS, rhs + cross_with, cut, best_lambda, mean_S)
-    info = {"lambda": best_lambda,
-            "heldout_error_vs_cut": round(error / cut_error, 4) if cut_error > 0 else 1.0}
-    return best.to(device, dtype), info
 
 
 @dataclass(frozen=True)
@@ -171,6 +65,7 @@ class FaspPruner:
     lambdas: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
     _digest: "hashlib._Hash" = field(default_factory=hashlib.sha256, repr=False)
     _restoration: list = field(default_factory=list, repr=False)
+    _last_lambda: dict = field(default_factory=dict, repr=False)  # per refit rule: where the λ search starts
     _config: object = field(default=None, repr=False)
 
     # The method's refit rules (class constants: the benchmark's ablations are subclasses).
@@ -179,6 +74,10 @@ class FaspPruner:
     # other text) with its output mean held where the cut leaves it, rather than drifting.
     MLP_REFIT = Refit()
     ATTENTION_REFIT = Refit(centered=True, hold_mean=True)
+    # Each batch's XᵀX is a float32 GEMM already; summing a few dozen of them in float64 changes no
+    # mask here (SmolLM2-135M's hash is the same) and costs 320 MB more at a 9k-wide MLP. SparseGPT,
+    # whose updates go through H⁻¹, keeps float64.
+    gram_dtype = torch.float32
 
     @property
     def needs_gram(self) -> bool:
@@ -255,12 +154,20 @@ class FaspPruner:
     def _refit(self, consumer: nn.Linear, keep: torch.Tensor, stats: InputStats, rule: Refit):
         if not self.restore:
             return consumer.weight.data[:, keep.to(consumer.weight.device)], {"lambda": None, "reason": "restoration off"}
-        mean = stats.mean if rule.centered and rule.hold_mean else None
-        system = kept_system(consumer.weight.data, keep, *((stats.covariance, stats.held_covariance)
-                                                           if rule.centered else (stats.gram, stats.held_gram)))
-        stats.release_grams()  # this refit is their only reader: free them before the λ search
-        return refit_kept(system, keep, self.lambdas, rule.tolerance, mean, consumer.weight.device,
-                          consumer.weight.dtype)
+        mean = stats.mean if rule.centered else None
+        # Built a part at a time, each statistic freed once read (this refit is their only reader):
+        # the held-out rows, then the Gram, never beside the whole system.
+        system = KeptSystem.cut_of(consumer.weight.data, keep, stats.held_rows)
+        if system.held:
+            system.take_held_rows(consumer.weight.data, keep, stats.held_rows, mean)
+            stats.release_held_rows()
+            system.take_gram(consumer.weight.data, keep, stats.covariance if rule.centered else stats.gram)
+        stats.release_grams()
+        weight, info = refit_kept(system, keep, self.lambdas, rule.tolerance, mean if rule.hold_mean else None,
+                                  consumer.weight.device, consumer.weight.dtype, self._last_lambda.get(rule))
+        if info["lambda"] is not None:
+            self._last_lambda[rule] = info["lambda"]
+        return weight, info
 
     def _record(self, kind: str, keep: torch.Tensor, info: dict):
         self._digest.update(kind.encode() + keep.cpu().numpy().astype("int64").tobytes())

@@ -83,7 +83,12 @@ def candidate_builder(profile: Profile, scratch: Path, probe, quiet: bool = Fals
         return OnnxCandidates(scratch, probe, quiet, int8_flavour, calibration)
     from prunekit.targets.estimated import EstimatedCandidates
 
-    return EstimatedCandidates(profile, BACKENDS[profile.runtime], quiet)
+    judges = {}
+    if profile.runtime == "tensorrt":
+        from prunekit.targets.tensorrt_sparse import QdqJudge
+
+        judges["int8"] = QdqJudge(scratch, probe, calibration or [], quiet)
+    return EstimatedCandidates(profile, BACKENDS[profile.runtime], quiet, judges)
 
 
 def export_for(runtime: str, context: ExportContext) -> ExportOutcome:

@@ -1,8 +1,9 @@
 """Candidates for runtimes that cannot run here (Core ML on Linux, TensorRT without a GPU).
 
 Each candidate is judged in torch on the weights its precision ships (prunekit.weight_rounding),
-its size is computed from the shapes and bits, and its latency is the profile's roofline
-estimate; the report labels all three. Only the chosen candidate is converted (``ship``), by the
+or on the artifact itself where this machine runs it (a TensorRT INT8 candidate's QDQ ONNX, in
+ONNX Runtime); its size is computed from the shapes and bits, and its latency is the profile's
+roofline estimate; the report labels all three. Only the chosen candidate is converted (``ship``), by the
 runtime's own back end, with every check that back end runs.
 """
 
@@ -26,8 +27,11 @@ QUALITY_BY = "torch, on the weights the precision ships (runtime not available h
 class EstimatedCandidates:
     latency_basis = "estimated"
 
-    def __init__(self, profile, ship: Callable, quiet: bool = False):
+    def __init__(self, profile, ship: Callable, quiet: bool = False, judges: dict | None = None):
+        """``judges``: precision -> an object whose ``quality(model, amount, windows, dense)`` judges
+        that precision on the artifact itself where this machine can run it (``quality_by`` says how)."""
         self.profile, self._ship, self.quiet = profile, ship, quiet
+        self.judges = judges or {}
         self.models: dict[float, object] = {}
         self.timings: dict[str, float] = defaultdict(float)
         self.int4_comparison: list[dict] = []
@@ -45,14 +49,18 @@ class EstimatedCandidates:
         sparse_weights = sparse_gemm_weights(model) if amount > 0 and self.profile.sparse_tensor_cores else 0
         cost = model_cost(model)
         for precision in precisions:
-            say(f"judging {precision} weights at amount {amount:g} in torch", self.quiet)
-            q = measure_quality(rounded_copy(model, precision), windows, dense)
+            judge = self.judges.get(precision)
+            if judge is not None:
+                q, quality_by = judge.quality(model, amount, windows, dense), judge.quality_by
+            else:
+                say(f"judging {precision} weights at amount {amount:g} in torch", self.quiet)
+                q, quality_by = measure_quality(rounded_copy(model, precision), windows, dense), QUALITY_BY
             size = sparse_stored_bytes(model, precision, sparse_weights)
             estimate = estimate_latency(cost, size, self._peak(precision), self.profile.memory_bandwidth_gbs,
                                         gemm_speedup=self.profile.sparse_gemm_speedup if sparse_weights else 1.0,
                                         sparse_flops_per_token=2 * sparse_weights)
             out.append(Candidate(amount, precision, ppl_increase=q.increase_pct, kl=q.kl, top1=q.top1,
-                                 quality_by=QUALITY_BY, decode_ms=estimate["decode_ms"],
+                                 quality_by=quality_by, decode_ms=estimate["decode_ms"],
                                  prefill_ms=estimate["prefill_ms"], latency_basis="estimated", bytes=size,
                                  size_basis="computed", extra={"estimate": estimate}))
         self.models[amount] = model
