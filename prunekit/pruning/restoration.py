@@ -106,7 +106,9 @@ class KeptSystem:
 
 def kept_system(weight: torch.Tensor, keep: torch.Tensor, gram: torch.Tensor,
                 held_rows: torch.Tensor | None, center: torch.Tensor | None = None) -> KeptSystem:
-    """``center`` (the mean input) is taken off the held-out rows, for a refit on the covariance."""
+    """``center`` (the mean input) is taken off the held-out rows, for a refit on the covariance.
+    For tensors the caller keeps; FASP's ``_refit`` takes the same steps with each statistic freed
+    between them, which a function holding its arguments cannot do."""
     system = KeptSystem.cut_of(weight, keep, held_rows)
     if system.held:
         system.take_held_rows(weight, keep, held_rows, center)
