@@ -54,6 +54,7 @@ class Quality:
     kl: float | None = None
     top1: float | None = None
     runtime: str = "torch"  # what computed the logits: the torch model, or the shipped artifact's runtime
+    increase_upper_pct: float | None = None  # one-sided 95% upper bound of increase_pct over the windows
 
     @property
     def increase_pct(self) -> float | None:
@@ -61,6 +62,27 @@ class Quality:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+# Student's t at 0.95, one-sided, by degrees of freedom 1..30 (beyond: 1.645, the normal's); a
+# table, because scipy would be a dependency for one quantile.
+T95 = (6.314, 2.920, 2.353, 2.132, 2.015, 1.943, 1.895, 1.860, 1.833, 1.812, 1.796, 1.782, 1.771, 1.761, 1.753,
+       1.746, 1.740, 1.734, 1.729, 1.725, 1.721, 1.717, 1.714, 1.711, 1.708, 1.706, 1.703, 1.701, 1.699, 1.697)
+
+
+def increase_upper_bound(window_log_ratios: list[float]) -> float | None:
+    """The one-sided 95% upper confidence bound of a perplexity increase, in percent, from each
+    window's log perplexity ratio (candidate over dense, equal-length windows): exp(mean + t·s/√n) − 1.
+    Why: a handful of selection windows cannot tell +8% from +12%; a candidate is within a quality
+    budget only when the windows say so with confidence, so its test-text figure stays within too.
+    None with fewer than two windows (no spread to judge)."""
+    n = len(window_log_ratios)
+    if n < 2:
+        return None
+    mean = sum(window_log_ratios) / n
+    spread = math.sqrt(sum((r - mean) ** 2 for r in window_log_ratios) / (n - 1))
+    t = T95[n - 2] if n - 1 <= len(T95) else 1.645
+    return 100 * (math.exp(mean + t * spread / math.sqrt(n)) - 1)
 
 
 Logits = Callable[[torch.Tensor], torch.Tensor]  # a (seq,) window -> (seq - 1, vocab) next-token logits
@@ -84,24 +106,30 @@ def measure_qualities(candidates: dict[str, Logits], windows: torch.Tensor, dens
     """Perplexity of each candidate (a torch model, or any window -> logits function such as an
     ONNX Runtime session); with ``dense`` given, also the dense perplexity, KL(dense ‖ candidate)
     and top-1 agreement. One pass: each window's dense log-probabilities serve every candidate,
-    and no logits pile up across windows. The one NLL/KL arithmetic for every runtime."""
+    and no logits pile up across windows. The one NLL/KL arithmetic for every runtime. Against
+    ``dense``, each candidate's perplexity increase also gets its upper confidence bound over the
+    windows (``increase_upper_bound``)."""
     from tqdm import tqdm
 
     fns = {name: _as_logits(c) for name, c in candidates.items()}
     dense_fn = None if dense is None else _as_logits(dense)
     sums = {name: [0.0, 0.0, 0.0] for name in fns}  # nll, kl, agreeing tokens
     dense_nll, tokens = 0.0, 0
+    ratios = {name: [] for name in fns}  # per window: (candidate NLL - dense NLL) / tokens
     for window in tqdm(windows, desc=f"evaluating {language}", unit="window", disable=not progress, leave=False):
         targets = window[1:, None]
         dense_logp = None if dense_fn is None else F.log_softmax(dense_fn(window), -1)
-        if dense_logp is not None:
-            dense_nll -= dense_logp.gather(1, targets).sum().item()
+        window_dense_nll = None if dense_logp is None else -dense_logp.gather(1, targets).sum().item()
         for name, fn in fns.items():
             logp = F.log_softmax(fn(window), -1)
-            sums[name][0] -= logp.gather(1, targets).sum().item()
+            window_nll = -logp.gather(1, targets).sum().item()
+            sums[name][0] += window_nll
             if dense_logp is not None:
+                ratios[name].append((window_nll - window_dense_nll) / targets.numel())
                 sums[name][1] += (dense_logp.exp() * (dense_logp - logp)).sum().item()
                 sums[name][2] += (dense_logp.argmax(-1) == logp.argmax(-1)).sum().item()
+        if window_dense_nll is not None:
+            dense_nll += window_dense_nll
         tokens += targets.numel()
     out = {}
     for name, (nll, kl, agree) in sums.items():
@@ -109,6 +137,7 @@ def measure_qualities(candidates: dict[str, Logits], windows: torch.Tensor, dens
                     runtime=(runtimes or {}).get(name, "torch"))
         if dense_fn is not None:
             q.dense_perplexity, q.kl, q.top1 = math.exp(dense_nll / tokens), kl / tokens, agree / tokens
+            q.increase_upper_pct = increase_upper_bound(ratios[name])
         out[name] = q
     return out
 

@@ -86,8 +86,14 @@ def quality_gate(quality: list[Quality], budget: Budget, shipped=None) -> dict:
     if shipped is not None:
         misses += budget.misses(latency_ms=shipped.decode_ms, size_mb=shipped.size_mb)
     return {"status": "failed" if misses else "passed", **budget.limits, "sources": dict(budget.sources),
-            "judged": "shipped artifact" if quality and quality[0].runtime != "torch" else "pruned model in torch",
+            "judged": _judged(quality[0].runtime if quality else "torch"),
             "reason": "; ".join(misses) or None}
+
+
+def _judged(runtime: str) -> str:
+    if runtime == "torch":
+        return "pruned model in torch"
+    return "shipped weights in torch" if runtime.startswith("torch") else "shipped artifact"
 
 
 def _announce_self_calibration(calibration: Calibration, quiet: bool) -> None:
@@ -206,7 +212,7 @@ def deploy(target: str, model: str | None = None, out: str | Path | None = None,
         timings.update({f"export_{k}": v for k, v in export.timings.items()})
 
         start = time.perf_counter()
-        shipped, pruned_torch = _quality(shipped_model, dense, export, evaluation, windows, quiet)
+        shipped, pruned_torch = _quality(shipped_model, dense, export, evaluation, windows, quiet, plan.precision)
         timings["evaluate"] = time.perf_counter() - start
 
         gate = quality_gate(shipped, plan.budget, chosen)
@@ -227,7 +233,8 @@ def deploy(target: str, model: str | None = None, out: str | Path | None = None,
                                       f"{selection_ids.shape[1]} tokens ("
                                       + ("self-generated" if calibration.source == "self" else
                                          "from the end of the calibration text, apart from the fitted ones")
-                                      + "; never the evaluation text)",
+                                      + "; never the evaluation text), each candidate judged by the 95% "
+                                        "upper confidence bound of its perplexity increase over them",
                        "selection": selection.as_dict(), "screen": explored.screen,
                        "int4_quantizers": builder.int4_comparison,
                        "candidates": [c.as_dict() for c in explored.candidates]},
@@ -252,16 +259,25 @@ def deploy(target: str, model: str | None = None, out: str | Path | None = None,
     return deployed
 
 
-def _quality(pruned, dense, export, evaluation: Evaluation, windows: list, quiet: bool):
-    """Per evaluation text, one pass: the dense model, the pruned torch model and, where this
-    machine runs it, the shipped artifact in its own runtime. The gate judges the shipped one.
-    When no pruning was chosen, the torch row would be the dense model itself: it is left out."""
-    candidates, runtimes = ({} if pruned is dense and export.shipped_onnx is not None else {"torch": pruned}), {}
+def _quality(pruned, dense, export, evaluation: Evaluation, windows: list, quiet: bool, precision: str):
+    """Per evaluation text, one pass: the dense model, the pruned torch model and the shipped
+    model: the artifact in its own runtime where this machine runs it, else torch on the weights
+    ``precision`` ships (prunekit.weight_rounding, as the search judged it). The gate judges the
+    shipped one. When no pruning was chosen, the torch row would be the dense model itself: it is
+    left out."""
+    from prunekit.weight_rounding import rounded_copy
+
+    candidates, runtimes = {}, {}
     if export.shipped_onnx is not None:
         from prunekit.exporters.onnx import OnnxDecoder, onnx_logits
 
         candidates["shipped"] = onnx_logits(OnnxDecoder(export.shipped_onnx))
         runtimes["shipped"] = export.shipped_runtime
+    elif precision != "fp32":
+        candidates["shipped"] = rounded_copy(pruned, precision)
+        runtimes["shipped"] = f"torch, on the {precision} weights the artifact ships (its runtime is not available here)"
+    if not (pruned is dense and candidates):
+        candidates = {"torch": pruned, **candidates}
     say("evaluating quality against the dense model" + (" (shipped artifact in its runtime, and torch)"
                                                           if len(candidates) > 1 else ""), quiet)
     measured = [measure_qualities(candidates, w, dense, t.language, t.source, progress=not quiet,

@@ -64,10 +64,12 @@ class Budget:
         return bool(self.limits)
 
     def misses(self, ppl_increase: float | None = None, kl: float | None = None,
-               latency_ms: float | None = None, size_mb: float | None = None) -> list[str]:
-        """One phrase per limit a measurement breaks; a measurement that is None is not judged."""
+               latency_ms: float | None = None, size_mb: float | None = None, bounded: bool = False) -> list[str]:
+        """One phrase per limit a measurement breaks; a measurement that is None is not judged.
+        ``bounded``: ``ppl_increase`` is an upper confidence bound, and the phrase says so."""
         out = []
-        for value, limit, text in ((ppl_increase, self.max_ppl_increase, "perplexity +{:.1f}% > {:g}%"),
+        ppl_text = "perplexity " + ("up to " if bounded else "") + "{:+.1f}% > {:g}%" + (" (95% bound)" if bounded else "")
+        for value, limit, text in ((ppl_increase, self.max_ppl_increase, ppl_text),
                                    (kl, self.max_kl, "KL {:.4f} > {:g}"),
                                    (latency_ms, self.max_latency_ms, "decode {:.3g} ms > {:g} ms"),
                                    (size_mb, self.max_size_mb, "size {:.1f} MB > {:g} MB")):

@@ -126,7 +126,7 @@ def _search_lines(search: dict | None) -> list[str]:
                        for k, v in search["budget"].items() if k != "sources" and v is not None)
     lines = ["", "## Candidates", "", f"Budget: {limits or 'none'}. Judged on {search['selected_on']}.",
              f"Chosen: {selection['reason']}.", "",
-             "| candidate | status | ppl change | KL | top-1 | decode ms/token | prefill ms | size MB | within budget |",
+             "| candidate | status | ppl change (95% upper bound) | KL | top-1 | decode ms/token | prefill ms | size MB | within budget |",
              "|---|---|---|---|---|---|---|---|---|"]
     for c in search["candidates"]:
         mark = " **(shipped)**" if c["name"] == selection["chosen"] else ""
@@ -134,8 +134,7 @@ def _search_lines(search: dict | None) -> list[str]:
         size_basis = " (computed)" if c.get("size_basis") == "computed" else ""
         status = c["status"] if c["status"] != "skipped" else f"skipped: {c['why']}"
         fits = "yes" if c["within_budget"] else ("no: " + "; ".join(c["misses"]) if c["misses"] else "-")
-        lines.append(f"| {c['name']}{mark} | {status} | {_fmt(c['ppl_increase'], '+.1f')}"
-                     f"{'%' if c['ppl_increase'] is not None else ''} | {_fmt(c['kl'], '.4f')} "
+        lines.append(f"| {c['name']}{mark} | {status} | {_ppl_cell(c)} | {_fmt(c['kl'], '.4f')} "
                      f"| {_fmt(c['top1'], '.3f')} | {_fmt(c['decode_ms'], '.2f')}{basis} "
                      f"| {_fmt(c['prefill_ms'], '.0f')} | {_fmt(c['bytes'] and c['bytes'] / 1e6, '.1f')}{size_basis} "
                      f"| {fits} |")
@@ -145,6 +144,13 @@ def _search_lines(search: dict | None) -> list[str]:
                       f"every amount and 4-bit precision): " + ", ".join(
                           f"{q['quantizer']} {q['ppl_increase']:+.1f}% KL {q['kl']:.4f}" for q in search["int4_quantizers"])]
     return lines
+
+
+def _ppl_cell(candidate: dict) -> str:
+    value, upper = candidate["ppl_increase"], candidate.get("ppl_increase_upper")
+    if value is None:
+        return "-"
+    return f"{value:+.1f}%" + (f" (≤ {upper:+.1f}%)" if upper is not None else "")
 
 
 def _plot(report: dict, path: Path) -> None:
@@ -188,6 +194,8 @@ def _pareto(ax, built: list[dict], search: dict) -> None:
         ax.scatter(c["decode_ms"], c["ppl_increase"], s=20 + 280 * (c["bytes"] or 0) / largest, color=colour,
                    alpha=0.6, edgecolors="black" if c["name"] == chosen else "none", linewidths=2)
         ax.annotate(c["name"], (c["decode_ms"], c["ppl_increase"]), fontsize=7)
+        if c.get("ppl_increase_upper") is not None:  # what the budget judged: the upper bound
+            ax.vlines(c["decode_ms"], c["ppl_increase"], c["ppl_increase_upper"], color=colour, linewidth=1)
     limit = search["budget"].get("max_ppl_increase")
     if limit is not None:
         ax.axhline(limit, color="C3", linestyle="--", linewidth=1, label=f"budget +{limit:g}%")

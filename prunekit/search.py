@@ -1,7 +1,8 @@
 """The budgeted search's bookkeeping: one record per candidate (amount x precision) and the choice.
 
 Candidates are judged on held-out calibration tokens (never the evaluation text, so the report's
-evaluation stays a test of the choice). The choice is a plain function of the records: among the
+evaluation stays a test of the choice), by the upper confidence bound of their perplexity increase
+over those windows (prunekit.evaluation.increase_upper_bound), not its point estimate. The choice is a plain function of the records: among the
 candidates within budget, the one with the least of the objective (decode latency, or artifact
 size) wins, the other as tie-break; with none within budget, the one that overshoots least ships,
 and deploy exits 3.
@@ -22,6 +23,7 @@ class Candidate:
     precision: str
     status: str = BUILT  # built (artifact made and measured) or skipped (with ``why``)
     ppl_increase: float | None = None  # percent, on the selection tokens
+    ppl_increase_upper: float | None = None  # its one-sided 95% upper bound over the selection windows
     kl: float | None = None
     top1: float | None = None
     quality_by: str | None = None  # what computed the selection logits (a runtime, or torch)
@@ -42,8 +44,14 @@ class Candidate:
     def size_mb(self) -> float | None:
         return None if self.bytes is None else self.bytes / 1e6
 
+    @property
+    def ppl_judged(self) -> float | None:
+        """The perplexity increase the budget judges: the upper bound where the windows give one."""
+        return self.ppl_increase_upper if self.ppl_increase_upper is not None else self.ppl_increase
+
     def judge(self, budget: Budget) -> "Candidate":
-        self.misses = budget.misses(self.ppl_increase, self.kl, self.decode_ms, self.size_mb)
+        self.misses = budget.misses(self.ppl_judged, self.kl, self.decode_ms, self.size_mb,
+                                    bounded=self.ppl_increase_upper is not None)
         return self
 
     @property
@@ -91,7 +99,7 @@ def select(candidates: list[Candidate], budget: Budget, objective: str) -> Selec
         return Selection(chosen, runner_up, True, reason)
 
     def overshoot(c: Candidate):
-        return budget.overshoot(c.ppl_increase, c.kl, c.decode_ms, c.size_mb)
+        return budget.overshoot(c.ppl_judged, c.kl, c.decode_ms, c.size_mb)
 
     ranked = sorted(built, key=lambda c: (overshoot(c), key(c)))
     chosen = ranked[0]

@@ -168,3 +168,29 @@ def test_palette_lut_is_coremltools_kmeans1d():
     reference_lut, reference_indices = _get_kmeans_lookup_table_and_weight(4, values, force_kmeans1d=True)
     assert np.array_equal(lut, reference_lut.astype(np.float16))
     assert np.array_equal(indices, np.asarray(reference_indices).reshape(-1))
+
+
+def test_deploy_judges_a_package_it_cannot_run_on_the_weights_it_ships():
+    """Core ML predicts only on macOS: the shipped quality (what the gate judges) is torch on the
+    INT8 weights the package holds, not on the float model."""
+    import copy
+
+    from prunekit.evaluation import EvalText, measure_quality
+    from prunekit.pipeline import Evaluation, _quality, quality_gate
+    from prunekit.plan import Budget
+    from prunekit.targets import ExportOutcome
+    from prunekit.weight_rounding import rounded_copy
+
+    dense = make_tiny_llama()
+    pruned = copy.deepcopy(dense)
+    with torch.no_grad():
+        pruned.model.layers[0].mlp.down_proj.weight.mul_(0.5)
+    windows = [torch.randint(3, 300, (2, 16), generator=torch.Generator().manual_seed(1))]
+    evaluation = Evaluation((EvalText("default", "x"),), 16, 2)
+    shipped, torch_rows = _quality(pruned, dense, ExportOutcome("written"), evaluation, windows, True, "int8")
+    assert shipped[0].runtime.startswith("torch, on the int8 weights")
+    assert shipped[0].perplexity == pytest.approx(measure_quality(rounded_copy(pruned, "int8"), windows[0]).perplexity)
+    assert torch_rows[0].perplexity != shipped[0].perplexity
+    assert quality_gate(shipped, Budget(max_ppl_increase=1000))["judged"] == "shipped weights in torch"
+    shipped, torch_rows = _quality(dense, dense, ExportOutcome("written"), evaluation, windows, True, "int8")
+    assert torch_rows == [] and shipped[0].kl > 0  # the dense model shipped in INT8: only the INT8 row

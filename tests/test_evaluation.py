@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from prunekit.errors import UserInputError
-from prunekit.evaluation import EvalText, eval_windows, evaluate_texts, measure_quality, parse_eval_spec
+from prunekit.evaluation import (EvalText, eval_windows, evaluate_texts, increase_upper_bound, measure_quality,
+                                 parse_eval_spec)
 from prunekit.pruning.run import prune
 
 
@@ -27,6 +28,23 @@ def test_pruning_shows_in_kl_and_agreement(tiny, calib_ids):
     prune(tiny, "magnitude", 0.7, "unstructured", calib_ids=calib_ids, progress=False)
     q = measure_quality(tiny.model, calib_ids[:4], dense=dense)
     assert q.kl > 0.01 and q.top1 < 1.0
+
+
+def test_the_upper_bound_widens_with_spread_and_narrows_with_windows():
+    assert increase_upper_bound([0.05]) is None
+    assert increase_upper_bound([0.05] * 8) == pytest.approx(100 * (math.exp(0.05) - 1))
+    spread = [0.0, 0.1] * 4  # mean 0.05, s = 0.0535, 8 windows: t(7) = 1.895
+    assert increase_upper_bound(spread) == pytest.approx(100 * (math.exp(0.05 + 1.895 * 0.053452 / math.sqrt(8)) - 1),
+                                                         rel=1e-4)
+    assert increase_upper_bound([0.0, 0.1] * 40) < increase_upper_bound(spread)
+
+
+def test_the_bound_comes_from_the_windows_of_the_measurement(tiny, calib_ids):
+    dense = copy.deepcopy(tiny.model)
+    prune(tiny, "magnitude", 0.5, "unstructured", calib_ids=calib_ids, progress=False)
+    q = measure_quality(tiny.model, calib_ids[:4], dense=dense)
+    assert q.increase_upper_pct > q.increase_pct
+    assert measure_quality(tiny.model, calib_ids[:1], dense=dense).increase_upper_pct is None
 
 
 def test_languages_are_reported_separately(tiny, tmp_path):

@@ -47,6 +47,16 @@ def test_nothing_fits_ships_the_closest_and_says_what_it_missed():
     assert "misses it: decode 12 ms > 10 ms" in choice.reason
 
 
+def test_the_budget_judges_the_upper_bound_of_the_quality_loss():
+    bounded = [_c(0, "int8", 1.0, 20, 270), _c(0.1, "int8", 8.8, 15, 150)]
+    bounded[0].ppl_increase_upper, bounded[1].ppl_increase_upper = 1.9, 12.4
+    choice = select(bounded, Budget(max_ppl_increase=10), "latency")
+    assert choice.chosen.name == "dense int8"
+    assert bounded[1].misses == ["perplexity up to +12.4% > 10% (95% bound)"]
+    bounded[1].ppl_increase_upper = None  # one window: no bound, the estimate is judged
+    assert select(bounded, Budget(max_ppl_increase=10), "latency").chosen.name == "pruned 0.1 int8"
+
+
 def test_budget_from_flags_and_profile():
     cpu = load_profile("cpu-onnx")
     budget = Budget.resolve(cpu, max_kl=0.1)

@@ -103,9 +103,9 @@ class OnnxCandidates:
         for precision, path in paths.items():
             q = qualities.get(precision)
             self.paths[(amount, precision)] = path
-            out.append(Candidate(amount, precision, ppl_increase=q and q.increase_pct, kl=q and q.kl,
-                                 top1=q and q.top1, quality_by=q and _runtime(), bytes=onnx_bytes(path),
-                                 size_basis="file"))
+            out.append(Candidate(amount, precision, ppl_increase=q and q.increase_pct,
+                                 ppl_increase_upper=q and q.increase_upper_pct, kl=q and q.kl, top1=q and q.top1,
+                                 quality_by=q and _runtime(), bytes=onnx_bytes(path), size_basis="file"))
         return out
 
     def _quality(self, paths: dict, windows, dense) -> dict:

@@ -59,7 +59,8 @@ class EstimatedCandidates:
             estimate = estimate_latency(cost, size, self._peak(precision), self.profile.memory_bandwidth_gbs,
                                         gemm_speedup=self.profile.sparse_gemm_speedup if sparse_weights else 1.0,
                                         sparse_flops_per_token=2 * sparse_weights)
-            out.append(Candidate(amount, precision, ppl_increase=q.increase_pct, kl=q.kl, top1=q.top1,
+            out.append(Candidate(amount, precision, ppl_increase=q.increase_pct,
+                                 ppl_increase_upper=q.increase_upper_pct, kl=q.kl, top1=q.top1,
                                  quality_by=quality_by, decode_ms=estimate["decode_ms"],
                                  prefill_ms=estimate["prefill_ms"], latency_basis="estimated", bytes=size,
                                  size_basis="computed", extra={"estimate": estimate}))
