@@ -275,7 +275,8 @@ def _quality(pruned, dense, export, evaluation: Evaluation, windows: list, quiet
         runtimes["shipped"] = export.shipped_runtime
     elif precision != "fp32":
         candidates["shipped"] = rounded_copy(pruned, precision)
-        runtimes["shipped"] = f"torch, on the {precision} weights the artifact ships (its runtime is not available here)"
+        runtimes["shipped"] = (f"torch, on the {precision} weights the artifact ships "
+                               "(its runtime is not available here)")
     if not (pruned is dense and candidates):
         candidates = {"torch": pruned, **candidates}
     say("evaluating quality against the dense model" + (" (shipped artifact in its runtime, and torch)"

@@ -68,7 +68,8 @@ class Budget:
         """One phrase per limit a measurement breaks; a measurement that is None is not judged.
         ``bounded``: ``ppl_increase`` is an upper confidence bound, and the phrase says so."""
         out = []
-        ppl_text = "perplexity " + ("up to " if bounded else "") + "{:+.1f}% > {:g}%" + (" (95% bound)" if bounded else "")
+        ppl_text = ("perplexity up to {:+.1f}% > {:g}% (95% bound)" if bounded
+                    else "perplexity {:+.1f}% > {:g}%")
         for value, limit, text in ((ppl_increase, self.max_ppl_increase, ppl_text),
                                    (kl, self.max_kl, "KL {:.4f} > {:g}"),
                                    (latency_ms, self.max_latency_ms, "decode {:.3g} ms > {:g} ms"),

@@ -2,10 +2,10 @@
 
 Candidates are judged on held-out calibration tokens (never the evaluation text, so the report's
 evaluation stays a test of the choice), by the upper confidence bound of their perplexity increase
-over those windows (prunekit.evaluation.increase_upper_bound), not its point estimate. The choice is a plain function of the records: among the
-candidates within budget, the one with the least of the objective (decode latency, or artifact
-size) wins, the other as tie-break; with none within budget, the one that overshoots least ships,
-and deploy exits 3.
+over those windows (prunekit.evaluation.increase_upper_bound), not its point estimate. The choice
+is a plain function of the records: among the candidates within budget, the one with the least of
+the objective (decode latency, or artifact size) wins, the other as tie-break; with none within
+budget, the one that overshoots least ships, and deploy exits 3.
 """
 
 from __future__ import annotations

@@ -168,7 +168,8 @@ def refit_kept(system: KeptSystem, keep: torch.Tensor, lambdas: tuple[float, ...
     best = _downhill(error_at, len(grid), grid.index(start) if start in grid else len(grid) // 2)
     best_error = error_at(best)
     if tolerance > 0:  # the largest λ within tolerance of the best: walk up while within it
-        while best + 1 < len(grid) and error_at(best + 1) <= best_error + tolerance * max(cut_error - best_error, 0.0):
+        ceiling = best_error + tolerance * max(cut_error - best_error, 0.0)
+        while best + 1 < len(grid) and error_at(best + 1) <= ceiling:
             best += 1
     if best_error >= cut_error:
         chosen, best_lambda, error = cut, None, cut_error
