@@ -376,7 +376,9 @@ def export(target: str, model_dir: str | Path, out: str | Path, force: bool = Fa
            precision: str | None = None, calib: str = "pydoc", quiet: bool = False):
     """`prunekit export`: a pruned folder to the target's artifact, with the plan the folder was
     pruned with (its prunekit.json); a folder that cannot serve the target is refused first.
-    ``calib`` is the text static INT8 calibrates on."""
+    ``calib`` is the text static INT8 calibrates on. ONNX Runtime's fp32 and INT8 are written
+    without loading the folder (prunekit.targets.cpu_onnx.build_streamed); the other artifacts
+    load it, as their converters need the whole model."""
     quiet_libraries(quiet)
     from prunekit.calibration import calibration_ids
     from prunekit.models import read_manifest
@@ -396,6 +398,14 @@ def export(target: str, model_dir: str | Path, out: str | Path, force: bool = Fa
     check_output(out, force, keep=(folder,))
     use_usable_cores()
 
+    if profile.runtime == "onnxruntime" and plan.precision in ("fp32", "int8"):
+        from prunekit.models import open_streamed
+        from prunekit.targets.cpu_onnx import build_streamed
+
+        say(f"opening {folder} (streamed: one tensor or decoder block in memory at a time)", quiet)
+        loaded = open_streamed(str(folder))
+        with staged_output(out, force) as stage:
+            return build_streamed(loaded, plan.sparsity, plan.precision, stage, quiet)
     loaded = _load(str(folder), quiet)
     with staged_output(out, force) as stage:
         tokens = calibration_ids(calibration.source, loaded.tokenizer, calibration.samples,

@@ -205,6 +205,28 @@ class SafetensorsWeights(WeightSource):
         return torch.frombuffer(raw, dtype=dtype).reshape(shape) if count else torch.empty(shape, dtype=dtype)
 
 
+class ModuleWeights(WeightSource):
+    """A model already in memory, read through the same interface: a streamed export of a loaded
+    model then computes each derived tensor (stacked or transposed) one at a time instead of
+    holding a second copy of every projection."""
+
+    def __init__(self, model: nn.Module):
+        self.config = model.config
+        self._tensors = dict(model.named_parameters(remove_duplicate=False))
+
+    def names(self):
+        return self._tensors.keys()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._tensors[self._resolve(name)].shape)
+
+    def _read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self._tensors[name].detach()[start:stop]
+
+    def _read(self, name: str) -> torch.Tensor:
+        return self._tensors[name].detach()
+
+
 def empty_model(config, dtype: torch.dtype = torch.float32) -> nn.Module:
     """The model's modules with parameters on the meta device (no memory) and real buffers."""
     from accelerate import init_empty_weights

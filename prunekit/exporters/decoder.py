@@ -39,17 +39,22 @@ class PlainDecoder(nn.Module):
         heads, kv_heads, head_dim = attention_shape(model.config)
         self.group = heads // kv_heads
         self.fused = fused
+        # Parameters of this module that are not the model's own, each with the model parameters
+        # it stacks (rows concatenated): a streamed export computes them from those one at a time.
+        self.built_from: dict[str, list[nn.Parameter]] = {}
         if fused:
-            self.qkv = nn.ModuleList(_stacked_linear(self._projections(layer, self.arch.attention, "q", "k", "v"))
-                                     for layer in self.layers)
-            self.gate_up = nn.ModuleList(_stacked_linear(self._projections(layer, self.arch.mlp, "gate", "up"))
-                                         for layer in self.layers)
+            self.qkv = nn.ModuleList(self._stacked(f"qkv.{i}", layer, self.arch.attention, "q", "k", "v")
+                                     for i, layer in enumerate(self.layers))
+            self.gate_up = nn.ModuleList(self._stacked(f"gate_up.{i}", layer, self.arch.mlp, "gate", "up")
+                                         for i, layer in enumerate(self.layers))
         # A tied lm_head reaches the graph as a transposed embedding, which weight quantizers skip
         # as a non-constant input; its own copy is quantized like every other projection.
         self.layer_types = self.arch.layer_types(model.config)
         self.windows = [self.arch.sliding_window(model.config, i) for i in range(len(self.layers))]
         head = model.get_submodule(self.arch.head).weight
         self.lm_head_weight = nn.Parameter(head.detach().clone(), requires_grad=False) if untie_lm_head else head
+        if untie_lm_head:
+            self.built_from["lm_head_weight"] = [head]
 
     def cache_shapes(self, batch: int, length: int) -> list[tuple[int, ...]]:
         """Key and value cache shapes, layer by layer: (batch, kv_heads, length, head width)."""
@@ -101,6 +106,14 @@ class PlainDecoder(nn.Module):
 
     def _projections(self, layer: nn.Module, parent: str, *roles: str) -> list[nn.Linear]:
         return [layer.get_submodule(f"{parent}.{getattr(self.arch, role)}") for role in roles]
+
+    def _stacked(self, name: str, layer: nn.Module, parent: str, *roles: str) -> nn.Linear:
+        linears = self._projections(layer, parent, *roles)
+        stacked = _stacked_linear(linears)
+        self.built_from[f"{name}.weight"] = [lin.weight for lin in linears]
+        if stacked.bias is not None:
+            self.built_from[f"{name}.bias"] = [lin.bias for lin in linears]
+        return stacked
 
     def _norm(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if not self.fused:

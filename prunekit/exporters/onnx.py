@@ -35,27 +35,33 @@ def export_onnx(model: torch.nn.Module, path: Path, fused: bool = True) -> Path:
 
     ``fused`` (for ONNX Runtime) writes opset 23 with fused projections, RMSNormalization and
     Attention; off, opset 20 primitives with one MatMul per projection (what TensorRT's parser
-    reads, and what the 2:4 check names tensor by tensor)."""
+    reads, and what the 2:4 check names tensor by tensor). The export holds the model and its
+    stacked projections; prunekit.exporters.onnx_streamed writes the same graph a tensor at a time."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    trace_decoder(FlatCacheDecoder(model, fused=fused).eval(), fused, path)
+    return path
+
+
+def trace_decoder(decoder: FlatCacheDecoder, fused: bool, path: Path | None = None, optimize: bool = True):
+    """torch.onnx's dynamo export of ``decoder`` with dynamic batch, sequence and cache lengths;
+    written to ``path`` when given. Returns the ONNXProgram."""
     _require_onnx()
     from torch.export import Dim
 
-    decoder = FlatCacheDecoder(model, fused=fused).eval()
     past_names, present_names = kv_names(len(decoder.layers))
     batch, seq = Dim("batch", min=1, max=256), Dim("sequence", min=1, max=8192)
     past_len = Dim("past_sequence", min=0, max=8192)
     example = (torch.zeros(1, 4, dtype=torch.long), *decoder.empty_cache(1, 3))
     shapes = ({0: batch, 1: seq}, tuple({0: batch, 2: past_len} for _ in past_names))
-    path.parent.mkdir(parents=True, exist_ok=True)
     for name in ("onnx_ir", "onnxscript", "torch.onnx"):  # per-initializer INFO lines drown progress
         logger = logging.getLogger(name)
         logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))  # never lower (--quiet)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(decoder, example, str(path), input_names=["input_ids", *past_names],
-                          output_names=["logits", *present_names], dynamic_shapes=shapes,
-                          opset_version=FUSED_OPSET if fused else PLAIN_OPSET,
-                          dynamo=True, external_data=True, verbose=False)
-    return path
+        return torch.onnx.export(decoder, example, None if path is None else str(path),
+                                 input_names=["input_ids", *past_names], output_names=["logits", *present_names],
+                                 dynamic_shapes=shapes, opset_version=FUSED_OPSET if fused else PLAIN_OPSET,
+                                 dynamo=True, external_data=True, optimize=optimize, verbose=False)
 
 
 def onnx_logits(runner: OnnxDecoder):

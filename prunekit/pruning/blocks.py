@@ -122,3 +122,24 @@ class StreamedBlocks(ResidentBlocks):
         if not getattr(self.model.config, "tie_word_embeddings", False):
             self._write_rows(f"{self.arch.head}.weight")
         self.model.tie_weights()  # materializing gave a tied head its own Parameter
+
+
+@torch.no_grad()
+def streamed_logits(model: nn.Module, weights, input_ids: torch.Tensor) -> torch.Tensor:
+    """Logits of ``input_ids`` (batch, seq) read from ``weights`` one block at a time: the torch
+    reference of a model that is never whole in memory. ``model`` is its skeleton (meta
+    parameters, prunekit.weights.empty_model); it is left as it was."""
+    from prunekit.pruning.engine import capture_block_inputs, run_block
+
+    blocks = StreamedBlocks(model, weights, writer=None)
+    blocks.open_embedding(input_ids)
+    hidden, by_type = capture_block_inputs(model, input_ids, input_ids.shape[0])[0]
+    blocks.close_embedding()
+    types = architecture_for(model.config).layer_types(model.config)
+    for index, kind in enumerate(types):
+        hidden = run_block(blocks.load(index), hidden, by_type[kind])
+        decoder_layers(model)[index].to("meta")
+        return_freed_memory()
+    logits = blocks.logits(hidden)
+    model.get_submodule(blocks.arch.final_norm).to("meta")
+    return logits

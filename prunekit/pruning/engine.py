@@ -230,7 +230,7 @@ def capture_block_inputs(model, input_ids: torch.Tensor, batch_size: int):
     return captured
 
 
-def _run_block(block, hidden, kwargs):
+def run_block(block, hidden, kwargs):
     out = block(hidden, **kwargs)
     return out[0] if isinstance(out, tuple) else out
 
@@ -302,7 +302,7 @@ def prune_layerwise(model, input_ids: torch.Tensor, pruner: BlockPruner, batch_s
             for b, (hidden, kwargs) in zip(mine, states):
                 current["held_at"] = (b - held_from) * batch_size * seqlen if b >= held_from else None
                 try:
-                    _run_block(block, hidden, kwargs[types[index]])
+                    run_block(block, hidden, kwargs[types[index]])
                 except _StopForward:
                     pass
         finally:
@@ -314,9 +314,9 @@ def prune_layerwise(model, input_ids: torch.Tensor, pruner: BlockPruner, batch_s
         result.blocks.append({"layer": index, **info})
         del stats, linears
         for b, (hidden, kwargs) in enumerate(states):  # in place: one copy of the activations
-            states[b] = (_run_block(block, hidden, kwargs[types[index]]), kwargs)
+            states[b] = (run_block(block, hidden, kwargs[types[index]]), kwargs)
         if probe_state is not None:
-            probe_state = (_run_block(block, probe_state[0], probe_state[1][types[index]]), probe_state[1])
+            probe_state = (run_block(block, probe_state[0], probe_state[1][types[index]]), probe_state[1])
         blocks.release(index, block)
         del block
         bar.set_postfix_str(f"layer {index + 1}/{len(types)}, peak {peak_rss_gb():.2f} GB")

@@ -225,3 +225,54 @@ def build(context) -> ExportOutcome:
         outcome = builder.ship(candidate, context.stage)
     outcome.variants = [candidate.as_dict()]
     return outcome
+
+
+STREAMED_PRECISIONS = ("fp32", "int8")
+
+
+def build_streamed(loaded, amount: float, precision: str, stage: Path, quiet: bool = False) -> ExportOutcome:
+    """`prunekit export` of a folder it never loads (``loaded`` from prunekit.models.open_streamed):
+    the fp32 graph written a tensor at a time and verified against torch logits computed a block
+    at a time (and through its own KV cache); INT8 written the same way, each weight quantized as
+    it is written (prunekit.exporters.onnx_streamed). Memory: one block for the reference, one
+    tensor for the writes, and ONNX Runtime's session of the fp32 file for its verification."""
+    from prunekit.checkpoint import probe_ids
+    from prunekit.exporters.onnx_streamed import check_streamed_logits, export_onnx_streamed
+    from prunekit.pruning.blocks import streamed_logits
+
+    timings: dict[str, float] = defaultdict(float)
+    probe = probe_ids(loaded.tokenizer)[0]
+    with tempfile.TemporaryDirectory(prefix="prunekit-onnx-") as scratch:
+        start = time.perf_counter()
+        say("computing the reference logits one decoder block at a time", quiet)
+        reference = streamed_logits(loaded.model, loaded.weights, probe[None])[0]
+        timings["reference"] = time.perf_counter() - start
+        start = time.perf_counter()
+        say("exporting to ONNX one tensor at a time", quiet)
+        fp32 = export_onnx_streamed(loaded.model, loaded.weights, Path(scratch) / "fp32" / "model.onnx")
+        timings["export_onnx"] = time.perf_counter() - start
+        start = time.perf_counter()
+        checks = {f"export {amount:g}": {**check_streamed_logits(fp32, probe, reference), "streamed": True}}
+        timings["verify"] = time.perf_counter() - start
+        path = fp32
+        if precision == "int8":
+            start = time.perf_counter()
+            say("writing INT8 (MatMulNBits) one tensor at a time", quiet)
+            path = export_onnx_streamed(loaded.model, loaded.weights, Path(scratch) / "int8" / "model.onnx", int8=True)
+            timings["quantize"] = time.perf_counter() - start
+        candidate = Candidate(amount, precision, bytes=onnx_bytes(path), size_basis="file")
+        start = time.perf_counter()
+        say("timing the artifact with ONNX Runtime", quiet)
+        row = measure_in_subprocess([path])[0]
+        timings["measure"] = time.perf_counter() - start
+        candidate.decode_ms, candidate.prefill_ms, candidate.latency_basis = row["decode_ms"], row["prefill_ms"], "measured"
+        target = Path(stage) / "onnx"
+        target.mkdir()
+        for file in path.parent.iterdir():
+            shutil.move(str(file), target / file.name)
+    checks["shipped"] = {"kv_cache_io": checks[f"export {amount:g}"]["kv_cache_io"],
+                         "verified_export": checks[f"export {amount:g}"]["passed"], "int4_quantizer": None}
+    latency = {"basis": "measured", "runtime": _runtime(), "shipped": candidate.name,
+               **{k: row[k] for k in ("threads", "prompt_tokens", "decode_tokens", "rounds")}}
+    return ExportOutcome("written", None, [candidate.as_dict()], latency, checks, dict(timings),
+                         shipped_onnx=target / "model.onnx", shipped_runtime=_runtime())

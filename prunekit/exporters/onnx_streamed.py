@@ -1,0 +1,212 @@
+"""The ONNX export in the memory of one tensor: the decoder is traced over a twin of the model whose
+parameters are fake tensors (shapes, no storage), and each initializer of the graph is computed
+from a weight source (prunekit.weights) only while it is written, then dropped. A model that is
+not in memory at all (a GGUF file, a pruned folder) exports this way, and a model that is saves
+the stacked projections and the untied head that ``export_onnx`` copies (4 GB on a 1.5B model).
+
+The graph is the one ``export_onnx`` writes: the same trace, the transposes of weights folded into
+their initializers here (the optimizer would fold them by reading every weight at once), then
+torch.onnx's optimizer with the lazily read weights kept out of its constant folding. INT8 is
+written the same way: each MatMul's weight goes through ONNX Runtime's own block quantizer as it
+is written, as MatMulNBits (what ``quantize_int8``'s weight-only flavour makes of the whole file).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from prunekit.errors import PrunekitError
+from prunekit.exporters.decoder import FlatCacheDecoder
+from prunekit.exporters.onnx import trace_decoder
+
+BLOCK_SIZE = 32  # inputs per MatMulNBits block, as quantize_int8 writes them
+FOLDED_SIZE = 8192  # weights up to this many elements (norm vectors) may be read by constant folding
+
+
+def fake_twin(model: nn.Module) -> tuple[nn.Module, dict[int, str]]:
+    """A copy of ``model`` whose parameters are fake tensors (shapes and dtypes, no storage; its
+    buffers are copied), and the name in ``model`` of each fake parameter, by id. ``model`` may
+    itself be a skeleton on the meta device."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    named = list(model.named_parameters(remove_duplicate=False))
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        fakes = {id(p): nn.Parameter(torch.empty(p.shape, dtype=p.dtype), requires_grad=False) for _, p in named}
+    twin = copy.deepcopy(model, memo=dict(fakes))  # memo: each parameter becomes its fake, ties kept
+    return twin, {id(fakes[id(p)]): name for name, p in named}
+
+
+def export_onnx_streamed(model: nn.Module, weights, path: Path, fused: bool = True, int8: bool = False) -> Path:
+    """Write ``path`` (+ ``path.data``) as ``export_onnx`` does, reading each tensor from ``weights``
+    (a prunekit.weights source whose names are ``model``'s) when it is written. ``int8``: the
+    projections and the head as 8-bit MatMulNBits (block 32, symmetric, accuracy level 4)."""
+    import onnx_ir as ir
+    from onnxscript import optimizer
+    from onnxscript.rewriter import onnx_fusions
+
+    twin, names = fake_twin(model)
+    with next(twin.parameters()).fake_mode:
+        decoder = FlatCacheDecoder(twin, fused=fused).eval()
+    program = trace_decoder(decoder, fused, optimize=False)
+    graph = program.model.graph
+    _read_lazily(graph, decoder, names, weights)
+    _fold_weight_transposes(graph)
+    # what torch.onnx's optimize step runs (onnxscript's torch API: optimize_ir, then the ONNX
+    # fusions), with the matrices kept out of constant folding (folding reads the values); vectors
+    # still fold (Gemma's 1 + w norm scales become initializers, as in the resident export)
+    optimizer.optimize_ir(program.model, should_fold=lambda node: False if _reads_matrices(node) else None)
+    onnx_fusions.fuse(program.model)
+    if int8:
+        _as_matmul_nbits(program.model, bits=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ir.save(program.model, str(path), external_data=f"{path.name}.data")
+    return path
+
+
+def _read_lazily(graph, decoder: FlatCacheDecoder, names: dict[int, str], weights) -> None:
+    """Every initializer that is a fake parameter becomes a LazyTensor over ``weights``."""
+    import onnx_ir as ir
+
+    parts = {id(decoder.get_parameter(name)): sources for name, sources in decoder.built_from.items()}
+    for name, value in graph.initializers.items():
+        try:
+            tensor = decoder.get_parameter(name)
+        except AttributeError:
+            continue  # a buffer (rotary frequencies): real, and written as traced
+        sources = [names[id(p)] for p in parts.get(id(tensor), [tensor])]
+        value.const_value = ir.LazyTensor(_reader(weights, sources, tensor.dtype), dtype=value.const_value.dtype,
+                                          shape=ir.Shape(tuple(tensor.shape)), name=name)
+
+
+def _reader(weights, sources: list[str], dtype: torch.dtype):
+    import onnx_ir as ir
+
+    def read():
+        tensors = [weights.get(name, dtype) for name in sources]
+        return ir.Tensor((tensors[0] if len(tensors) == 1 else torch.cat(tensors)).numpy())
+    return read
+
+
+def _lazy(value):
+    import onnx_ir as ir
+
+    return value is not None and value.is_initializer() and isinstance(value.const_value, ir.LazyTensor)
+
+
+def _reads_matrices(node) -> bool:
+    return any(_lazy(value) and value.const_value.size > FOLDED_SIZE for value in node.inputs)
+
+
+def _fold_weight_transposes(graph) -> None:
+    """Transpose(weight) -> a weight read transposed: MatMul then takes it as a constant (what
+    ONNX Runtime's weight quantizers need), and nothing reads a weight before it is written."""
+    import onnx_ir as ir
+
+    for node in list(graph):
+        if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx") or not _lazy(node.inputs[0]):
+            continue
+        source, out = node.inputs[0], node.outputs[0]
+        if len(source.uses()) != 1 or out.is_graph_output():
+            continue
+        lazy = source.const_value
+        perm = list(node.attributes.get_ints("perm", range(len(lazy.shape) - 1, -1, -1)))
+        shape = ir.Shape([lazy.shape[i] for i in perm])
+        folded = ir.LazyTensor(lambda lazy=lazy, perm=perm: ir.Tensor(np.ascontiguousarray(lazy.numpy().transpose(perm))),
+                               dtype=lazy.dtype, shape=shape, name=out.name)
+        value = ir.val(None, lazy.dtype, shape, const_value=folded)
+        ir.convenience.replace_all_uses_with(out, value)
+        name = out.name
+        graph.remove(node, safe=True)
+        graph.initializers.pop(source.name)
+        value.name = folded.name = name
+        graph.register_initializer(value)
+
+
+def _as_matmul_nbits(model, bits: int, block_size: int = BLOCK_SIZE, accuracy_level: int = 4) -> None:
+    """Every MatMul over a weight as MatMulNBits, its weight quantized by ONNX Runtime's block
+    quantizer (the kernel of MatMulNBitsQuantizer) when written; its scales follow in the file."""
+    import onnx_ir as ir
+    from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
+                                                                 DefaultWeightOnlyQuantizer)
+
+    quantizer = DefaultWeightOnlyQuantizer(DefaultWeightOnlyQuantConfig(
+        block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level, bits=bits))
+    graph = model.graph
+    for node in list(graph):
+        weight = node.inputs[1] if node.op_type == "MatMul" and len(node.inputs) == 2 else None
+        if not _lazy(weight) or len(weight.const_value.shape) != 2 or len(weight.uses()) != 1:
+            continue
+        k, n = weight.const_value.shape
+        blocks, blob = -(-k // block_size), block_size * bits // 8
+        quantized = _QuantizedWeight(quantizer, weight.const_value)
+        packed = ir.val(f"{weight.name}_Q{bits}", ir.DataType.UINT8, [n, blocks, blob], const_value=ir.LazyTensor(
+            quantized.packed, ir.DataType.UINT8, ir.Shape([n, blocks, blob]), name=f"{weight.name}_Q{bits}"))
+        scales = ir.val(f"{weight.name}_scales", weight.dtype, [n, blocks], const_value=ir.LazyTensor(
+            quantized.scales, weight.dtype, ir.Shape([n, blocks]), name=f"{weight.name}_scales"))
+        replacement = ir.node("MatMulNBits", [node.inputs[0], packed, scales], domain="com.microsoft",
+                              attributes={"K": k, "N": n, "bits": bits, "block_size": block_size,
+                                          "accuracy_level": accuracy_level},
+                              name=f"{node.name}_Q{bits}" if node.name else None)
+        graph.insert_after(node, replacement)
+        out, name = node.outputs[0], node.outputs[0].name
+        ir.convenience.replace_all_uses_with(out, replacement.outputs[0], replace_graph_outputs=True)
+        graph.remove(node, safe=True)
+        graph.initializers.pop(weight.name)
+        replacement.outputs[0].name = name
+        for value in (packed, scales):
+            graph.register_initializer(value)
+    model.opset_imports.setdefault("com.microsoft", 1)
+
+
+class _QuantizedWeight:
+    """One weight's 8-bit blocks and scales from one quantization: the scales, written right after
+    the blocks, are kept from it until then (1/32 of the weight)."""
+
+    def __init__(self, quantizer, weight):
+        self.quantizer, self.weight, self._scales = quantizer, weight, None
+
+    def packed(self):
+        import onnx_ir as ir
+
+        packed, self._scales, _ = self.quantizer.qbits_block_quant(self.weight.numpy())
+        return ir.Tensor(packed)
+
+    def scales(self):
+        import onnx_ir as ir
+
+        scales = self._scales if self._scales is not None else self.quantizer.qbits_block_quant(self.weight.numpy())[1]
+        self._scales = None
+        return ir.Tensor(scales)
+
+
+def check_streamed_logits(path: Path, tokens: torch.Tensor, reference: torch.Tensor,
+                          tolerance: float = 1e-3, cached: int = 4) -> dict:
+    """ONNX Runtime's logits of ``path`` on ``tokens`` against ``reference`` (a torch forward of the
+    same model, e.g. block by block from its source: prunekit.pruning.blocks.streamed_logits), and
+    the last ``cached`` tokens fed one at a time through the KV cache against the same prefill.
+    Greedy generation in torch, which verify_export also compares, would stream the whole model
+    once per token; the cache check covers what it adds."""
+    from prunekit.exporters.ort_session import OnnxDecoder
+
+    runner = OnnxDecoder(path)
+    ids = tokens.numpy()[None]
+    logits, _ = runner.step(ids, runner.empty_cache())
+    diff = float(np.abs(logits[0] - reference.numpy()).max())
+    _, past = runner.step(ids[:, :-cached], runner.empty_cache())
+    steps = []
+    for i in range(ids.shape[1] - cached, ids.shape[1]):
+        step, past = runner.step(ids[:, i:i + 1], past)
+        steps.append(step[0, -1])
+    cache_diff = float(np.abs(np.stack(steps) - logits[0, -cached:]).max())
+    checks = {"kv_cache_io": bool(runner.past_names) and len(runner.past_names) == len(runner.present_names),
+              "max_abs_logit_diff": diff, "max_abs_cache_diff": cache_diff, "tolerance": tolerance,
+              "logits_within_tolerance": diff <= tolerance and cache_diff <= tolerance}
+    checks["passed"] = checks["kv_cache_io"] and checks["logits_within_tolerance"]
+    if not checks["passed"]:
+        raise PrunekitError(f"the streamed ONNX export does not match PyTorch: {checks} (a prunekit bug, please report)")
+    return checks
