@@ -398,7 +398,9 @@ def export(target: str, model_dir: str | Path, out: str | Path, force: bool = Fa
     check_output(out, force, keep=(folder,))
     use_usable_cores()
 
-    if profile.runtime == "onnxruntime" and plan.precision in ("fp32", "int8"):
+    from prunekit.targets.cpu_onnx import STREAMED_PRECISIONS
+
+    if profile.runtime == "onnxruntime" and plan.precision in STREAMED_PRECISIONS:
         from prunekit.models import open_streamed
         from prunekit.targets.cpu_onnx import build_streamed
 

@@ -81,12 +81,11 @@ def test_streamed_export_is_the_resident_graph_reading_each_weight_once(family, 
         n for n, _ in model.named_parameters()}
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_streamed_int8_is_what_ort_makes_of_the_whole_file(family, calib_ids, tmp_path):
+def test_streamed_int8_is_what_ort_makes_of_the_whole_file(calib_ids, tmp_path):
     import onnx
     from onnx import numpy_helper
 
-    model = make_tiny(family, layers=2, intermediate=128)
+    model = make_tiny("qwen2", layers=2, intermediate=128)  # biases: MatMulNBits, then Add
     resident = quantize_int8(export_onnx(model, tmp_path / "fp32" / "model.onnx"), tmp_path / "int8" / "model.onnx")
     streamed = export_onnx_streamed(model, ModuleWeights(model), tmp_path / "streamed" / "model.onnx", int8=True)
 
