@@ -45,7 +45,15 @@ def export_onnx_streamed(model: nn.Module, weights, path: Path, fused: bool = Tr
     """Write ``path`` (+ ``path.data``) as ``export_onnx`` does, reading each tensor from ``weights``
     (a prunekit.weights source whose names are ``model``'s) when it is written. ``int8``: the
     projections and the head as 8-bit MatMulNBits (block 32, symmetric, accuracy level 4)."""
-    import onnx_ir as ir
+    graph = streamed_graph(model, weights, fused)
+    if int8:
+        as_matmul_nbits(graph, bits=8)
+    return save_streamed(graph, path)
+
+
+def streamed_graph(model: nn.Module, weights, fused: bool = True):
+    """The traced and optimized ONNX model (onnx_ir) whose weights are read from ``weights`` only
+    when it is saved: one trace serves the fp32 file and, after ``as_matmul_nbits``, the INT8 one."""
     from onnxscript import optimizer
     from onnxscript.rewriter import onnx_fusions
 
@@ -61,10 +69,15 @@ def export_onnx_streamed(model: nn.Module, weights, path: Path, fused: bool = Tr
     # still fold (Gemma's 1 + w norm scales become initializers, as in the resident export)
     optimizer.optimize_ir(program.model, should_fold=lambda node: False if _reads_matrices(node) else None)
     onnx_fusions.fuse(program.model)
-    if int8:
-        _as_matmul_nbits(program.model, bits=8)
+    return program.model
+
+
+def save_streamed(model, path: Path) -> Path:
+    """``model`` to ``path`` + ``path.data``, each lazily read weight computed as it is written."""
+    import onnx_ir as ir
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    ir.save(program.model, str(path), external_data=f"{path.name}.data")
+    ir.save(model, str(path), external_data=f"{path.name}.data")
     return path
 
 
@@ -127,7 +140,7 @@ def _fold_weight_transposes(graph) -> None:
         graph.register_initializer(value)
 
 
-def _as_matmul_nbits(model, bits: int, block_size: int = BLOCK_SIZE, accuracy_level: int = 4) -> None:
+def as_matmul_nbits(model, bits: int, block_size: int = BLOCK_SIZE, accuracy_level: int = 4) -> None:
     """Every MatMul over a weight as MatMulNBits, its weight quantized by ONNX Runtime's block
     quantizer (the kernel of MatMulNBitsQuantizer) when written; its scales follow in the file."""
     import onnx_ir as ir

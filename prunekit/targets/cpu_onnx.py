@@ -237,7 +237,7 @@ def build_streamed(loaded, amount: float, precision: str, stage: Path, quiet: bo
     it is written (prunekit.exporters.onnx_streamed). Memory: one block for the reference, one
     tensor for the writes, and ONNX Runtime's session of the fp32 file for its verification."""
     from prunekit.checkpoint import probe_ids
-    from prunekit.exporters.onnx_streamed import check_streamed_logits, export_onnx_streamed
+    from prunekit.exporters.onnx_streamed import as_matmul_nbits, check_streamed_logits, save_streamed, streamed_graph
     from prunekit.pruning.blocks import streamed_logits
 
     timings: dict[str, float] = defaultdict(float)
@@ -249,7 +249,8 @@ def build_streamed(loaded, amount: float, precision: str, stage: Path, quiet: bo
         timings["reference"] = time.perf_counter() - start
         start = time.perf_counter()
         say("exporting to ONNX one tensor at a time", quiet)
-        fp32 = export_onnx_streamed(loaded.model, loaded.weights, Path(scratch) / "fp32" / "model.onnx")
+        graph = streamed_graph(loaded.model, loaded.weights)
+        fp32 = save_streamed(graph, Path(scratch) / "fp32" / "model.onnx")
         timings["export_onnx"] = time.perf_counter() - start
         start = time.perf_counter()
         checks = {f"export {amount:g}": {**check_streamed_logits(fp32, probe, reference), "streamed": True}}
@@ -258,7 +259,8 @@ def build_streamed(loaded, amount: float, precision: str, stage: Path, quiet: bo
         if precision == "int8":
             start = time.perf_counter()
             say("writing INT8 (MatMulNBits) one tensor at a time", quiet)
-            path = export_onnx_streamed(loaded.model, loaded.weights, Path(scratch) / "int8" / "model.onnx", int8=True)
+            as_matmul_nbits(graph, bits=8)  # the fp32 trace, its weights quantized as they are written
+            path = save_streamed(graph, Path(scratch) / "int8" / "model.onnx")
             timings["quantize"] = time.perf_counter() - start
         candidate = Candidate(amount, precision, bytes=onnx_bytes(path), size_basis="file")
         start = time.perf_counter()
