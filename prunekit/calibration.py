@@ -44,12 +44,14 @@ def sample_windows(ids: torch.Tensor, n_samples: int, seqlen: int, seed: int, so
 
 @torch.no_grad()
 def self_generated_ids(model, tokenizer, n_samples: int, seqlen: int, seed: int,
-                       progress: bool = True, batch_size: int = 32) -> torch.Tensor:
+                       progress: bool = True, batch_size: int = 64) -> torch.Tensor:
     """Self-calibration (Williams et al. 2024): sample text from the model itself (temperature 1,
     seeded), starting at the beginning-of-sequence token, for users with no in-domain data.
 
     A plain sampling loop over the KV cache: `generate()` spends seconds per step on its logits
-    processors here, and this keeps the seed's effect obvious."""
+    processors here, and this keeps the seed's effect obvious. Each token is drawn by inverting the
+    cumulative distribution at a seeded uniform (sample_tokens); the profile's 64 samples go as
+    one batch, since a CPU's matrix products run faster on more rows."""
     from tqdm import tqdm
 
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
@@ -63,11 +65,19 @@ def self_generated_ids(model, tokenizer, n_samples: int, seqlen: int, seed: int,
         out = model(ids, use_cache=True)
         cache = getattr(out, "cache", None) or out.past_key_values
         for _ in range(seqlen - 1):
-            probs = torch.softmax(out.logits[:, -1].float(), dim=-1)
-            token = torch.multinomial(probs, 1, generator=generator)
+            token = sample_tokens(out.logits[:, -1], generator)
             ids = torch.cat([ids, token], dim=1)
             out = model(token, cache=cache, use_cache=True)
             bar.update(count)
         samples.append(ids)
     bar.close()
     return torch.cat(samples)
+
+
+def sample_tokens(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One token per row of ``logits`` (rows, vocabulary), drawn at temperature 1: the first index
+    whose cumulative probability exceeds a seeded uniform. The same distribution as
+    torch.multinomial, which takes ~110 ms a step for 64 rows of a 49k vocabulary here (3 ms so)."""
+    cumulative = torch.cumsum(torch.softmax(logits.float(), dim=-1), dim=-1)
+    uniform = torch.rand(logits.shape[0], 1, generator=generator) * cumulative[:, -1:]
+    return torch.searchsorted(cumulative, uniform, right=True).clamp_(max=logits.shape[-1] - 1)

@@ -134,21 +134,40 @@ def test_one_preparation_serves_int4_and_int4_mixed():
         assert torch.equal(a, b) != name.endswith("o_proj.weight"), name  # only o_proj differs
 
 
-def test_export_with_weights_matches_a_full_export(tmp_path):
+def test_a_rebound_trace_writes_the_prepared_weights(tmp_path):
+    """The dense model's streamed trace, rebound to its 4-bit preparation, is that model's export;
+    a weight the optimizer folded (Gemma's 1 + w norm scales; equal scales merged into one) refuses
+    to change under a rebind."""
     pytest.importorskip("onnxruntime")
     from prunekit.activation_scaling import prepare_int4_pair
-    from prunekit.exporters.onnx import OnnxDecoder, export_onnx, export_with_weights
+    from prunekit.exporters.onnx import OnnxDecoder, export_onnx
+    from prunekit.exporters.onnx_streamed import rebind, save_streamed, streamed_graph
+    from prunekit.weights import ModuleWeights
+    from tests.conftest import make_tiny
 
     model, windows = _model(), _windows()
+    with torch.no_grad():  # norm scales unlike each other, as trained ones are: equal ones are merged
+        for name, weight in model.named_parameters():
+            if name.endswith("layernorm.weight"):
+                weight.mul_(torch.empty_like(weight).uniform_(0.8, 1.2))
     four, mixed = prepare_int4_pair(model, windows, eight_bit=("lm_head", "down_proj"))
-    src = export_onnx(four, tmp_path / "four" / "model.onnx")
-    swapped = export_with_weights(src, tmp_path / "mixed" / "model.onnx", four, mixed)
+    graph = streamed_graph(model, ModuleWeights(model))
+    dense = save_streamed(graph, tmp_path / "dense" / "model.onnx")
+    rebind(graph, ModuleWeights(mixed))
+    rebound = save_streamed(graph, tmp_path / "mixed" / "model.onnx")
     full = export_onnx(mixed, tmp_path / "full" / "model.onnx")
+
     def logits(path):
         runner = OnnxDecoder(path)
         return runner.step(windows[:1].numpy(), runner.empty_cache())[0]
 
-    results = [logits(p) for p in (swapped, full, src)]
-    assert np.array_equal(results[0], results[1]) and not np.allclose(results[0], results[2])
+    results = [logits(p) for p in (rebound, full, dense)]
+    assert np.allclose(results[0], results[1], atol=1e-5) and not np.allclose(results[0], results[2], atol=1e-3)
+    gemma = make_tiny("gemma3")
+    graph = streamed_graph(gemma, ModuleWeights(gemma))
+    changed = copy.deepcopy(gemma)
+    with torch.no_grad():
+        changed.model.layers[0].input_layernorm.weight.add_(0.5)
     with pytest.raises(LookupError):
-        export_with_weights(src, tmp_path / "none" / "model.onnx", model, mixed)  # src does not hold model's
+        rebind(graph, ModuleWeights(changed))
+    rebind(graph, ModuleWeights(copy.deepcopy(gemma)))  # equal weights rebind

@@ -105,3 +105,14 @@ def test_self_calibration_is_seeded(tiny):
     b = calibration_ids("self", tiny.tokenizer, 2, 8, seed=1, model=tiny.model, progress=False)
     assert a.shape == (2, 8) and torch.equal(a, b)
     assert (a[:, 0] == tiny.tokenizer.bos_token_id).all()
+
+
+def test_self_calibration_samples_at_temperature_one():
+    """Inverse-CDF sampling draws each token with its softmax probability; never one of probability 0."""
+    from prunekit.calibration import sample_tokens
+
+    probs = torch.tensor([0.5, 0.3, 0.2, 0.0])
+    logits = probs.log().expand(20000, 4)
+    tokens = sample_tokens(logits, torch.Generator().manual_seed(0)).flatten()
+    share = torch.bincount(tokens, minlength=4).float() / tokens.numel()
+    assert share[3] == 0 and torch.allclose(share, probs, atol=0.015)

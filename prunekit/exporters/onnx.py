@@ -84,33 +84,6 @@ def export_verified(model: torch.nn.Module, path: Path, probe: torch.Tensor, fus
     return path, checks
 
 
-def export_with_weights(src: Path, dst: Path, before: torch.nn.Module, after: torch.nn.Module) -> Path:
-    """``src``, an export of ``before``, rewritten for ``after``: a model of the same graph whose
-    projection weights differ (e.g. clipped or not for 4 bits). Each differing weight's initializer
-    is found by value (MatMul's input B holds the weight transposed) and replaced, which spares a
-    second torch.onnx export (about a minute on the default model). Raises LookupError when a
-    weight is not found exactly once; the caller then exports ``after`` in full."""
-    _require_onnx()
-    import onnx
-    from onnx import numpy_helper
-
-    graph = onnx.load(str(src))
-    weights = {i.name: i for i in graph.graph.initializer}
-    changed = [(a.weight.detach().float().T.numpy(), b.weight.detach().float().T.numpy())
-               for (_, a), (_, b) in zip(before.named_modules(), after.named_modules())
-               if isinstance(a, torch.nn.Linear) and not torch.equal(a.weight, b.weight)]
-    arrays = {name: numpy_helper.to_array(t) for name, t in weights.items() if len(t.dims) == 2}
-    for old, new in changed:
-        found = [name for name, array in arrays.items() if array.shape == old.shape and np.array_equal(array, old)]
-        if len(found) != 1:
-            raise LookupError(f"a changed weight {old.shape} appears {len(found)} times in {src}")
-        weights[found[0]].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(new), found[0]))
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save_model(graph, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=f"{dst.name}.data")
-    return dst
-
-
 def verify_export(path: Path, model: torch.nn.Module, tokens: torch.Tensor, new_tokens: int = 8,
                   tolerance: float = LOGITS_TOLERANCE) -> dict:
     """ORT logits vs PyTorch on the same tokens, KV-cache I/O present, greedy tokens identical."""

@@ -26,6 +26,28 @@ from prunekit.exporters.onnx import trace_decoder
 
 BLOCK_SIZE = 32  # inputs per MatMulNBits block, as quantize_int8 writes them
 FOLDED_SIZE = 8192  # weights up to this many elements (norm vectors) may be read by constant folding
+_BOUND = "prunekit.bound_weights"  # the graph's metadata key for its BoundWeights
+_SOURCES = "prunekit.sources"  # a lazy initializer's metadata key for the weight names it reads
+
+
+class BoundWeights:
+    """What a streamed graph's lazy weights read from when it is saved: a source that ``rebind``
+    may replace, and the names of the weights the optimizer folded into constants (read while the
+    graph was made and no longer an initializer of it), which a new source must leave unchanged."""
+
+    def __init__(self, source):
+        self.source, self.read_while_made, self.folded = source, set(), set()
+
+    def read(self, names: list[str], dtype: torch.dtype) -> list[torch.Tensor]:
+        if self.read_while_made is not None:
+            self.read_while_made.update(names)
+        return [self.source.get(name, dtype) for name in names]
+
+    def made(self, graph) -> None:
+        """The graph is optimized: what it read and no longer holds was folded."""
+        held = {name for value in graph.initializers.values() if _lazy(value)
+                for name in value.const_value.meta.get(_SOURCES, ())}
+        self.folded, self.read_while_made = self.read_while_made - held, None
 
 
 def fake_twin(model: nn.Module) -> tuple[nn.Module, dict[int, str]]:
@@ -38,7 +60,10 @@ def fake_twin(model: nn.Module) -> tuple[nn.Module, dict[int, str]]:
     with FakeTensorMode(allow_non_fake_inputs=True):
         fakes = {id(p): nn.Parameter(torch.empty(p.shape, dtype=p.dtype), requires_grad=False) for _, p in named}
     twin = copy.deepcopy(model, memo=dict(fakes))  # memo: each parameter becomes its fake, ties kept
-    return twin, {id(fakes[id(p)]): name for name, p in named}
+    names: dict[int, str] = {}
+    for name, p in named:  # a tied parameter by its first name (the embedding's)
+        names.setdefault(id(fakes[id(p)]), name)
+    return twin, names
 
 
 def export_onnx_streamed(model: nn.Module, weights, path: Path, fused: bool = True, int8: bool = False) -> Path:
@@ -61,15 +86,30 @@ def streamed_graph(model: nn.Module, weights, fused: bool = True):
     with next(twin.parameters()).fake_mode:
         decoder = FlatCacheDecoder(twin, fused=fused).eval()
     program = trace_decoder(decoder, fused, optimize=False)
-    graph = program.model.graph
-    _read_lazily(graph, decoder, names, weights)
+    graph, bound = program.model.graph, BoundWeights(weights)
+    _read_lazily(graph, decoder, names, bound)
     _fold_weight_transposes(graph)
     # what torch.onnx's optimize step runs (onnxscript's torch API: optimize_ir, then the ONNX
     # fusions), with the matrices kept out of constant folding (folding reads the values); vectors
     # still fold (Gemma's 1 + w norm scales become initializers, as in the resident export)
     optimizer.optimize_ir(program.model, should_fold=lambda node: False if _reads_matrices(node) else None)
     onnx_fusions.fuse(program.model)
+    bound.made(graph)
+    program.model.meta[_BOUND] = bound
     return program.model
+
+
+def rebind(model, weights) -> None:
+    """Make the streamed graph ``model`` read ``weights`` when it is next saved: a model of the same
+    graph whose weights differ (scaled and clipped for 4 bits, say) is written without a trace of
+    its own (about a minute on the default model). LookupError when a weight that the optimizer
+    folded into a constant differs in ``weights``: that graph needs a trace of its own."""
+    bound = model.meta[_BOUND]
+    changed = sorted(name for name in bound.folded
+                     if not torch.equal(bound.source.get(name), weights.get(name)))
+    if changed:
+        raise LookupError(f"{len(changed)} folded weights differ (first {changed[0]})")
+    bound.source = weights
 
 
 def save_streamed(model, path: Path) -> Path:
@@ -81,8 +121,8 @@ def save_streamed(model, path: Path) -> Path:
     return path
 
 
-def _read_lazily(graph, decoder: FlatCacheDecoder, names: dict[int, str], weights) -> None:
-    """Every initializer that is a fake parameter becomes a LazyTensor over ``weights``."""
+def _read_lazily(graph, decoder: FlatCacheDecoder, names: dict[int, str], bound: BoundWeights) -> None:
+    """Every initializer that is a fake parameter becomes a LazyTensor over ``bound``."""
     import onnx_ir as ir
 
     parts = {id(decoder.get_parameter(name)): sources for name, sources in decoder.built_from.items()}
@@ -92,15 +132,18 @@ def _read_lazily(graph, decoder: FlatCacheDecoder, names: dict[int, str], weight
         except AttributeError:
             continue  # a buffer (rotary frequencies): real, and written as traced
         sources = [names[id(p)] for p in parts.get(id(tensor), [tensor])]
-        value.const_value = ir.LazyTensor(_reader(weights, sources, tensor.dtype), dtype=value.const_value.dtype,
+        if tensor is decoder.lm_head_weight:  # by the head's own name: a tied source gives the embedding,
+            sources = [f"{decoder.arch.head}.weight"]  # one whose head was scaled apart (rebind) the head
+        value.const_value = ir.LazyTensor(_reader(bound, sources, tensor.dtype), dtype=value.const_value.dtype,
                                           shape=ir.Shape(tuple(tensor.shape)), name=name)
+        value.const_value.meta[_SOURCES] = sources
 
 
-def _reader(weights, sources: list[str], dtype: torch.dtype):
+def _reader(bound: BoundWeights, sources: list[str], dtype: torch.dtype):
     import onnx_ir as ir
 
     def read():
-        tensors = [weights.get(name, dtype) for name in sources]
+        tensors = bound.read(sources, dtype)
         return ir.Tensor((tensors[0] if len(tensors) == 1 else torch.cat(tensors)).numpy())
     return read
 
@@ -131,6 +174,7 @@ def _fold_weight_transposes(graph) -> None:
         shape = ir.Shape([lazy.shape[i] for i in perm])
         folded = ir.LazyTensor(lambda lazy=lazy, perm=perm: ir.Tensor(np.ascontiguousarray(lazy.numpy().transpose(perm))),
                                dtype=lazy.dtype, shape=shape, name=out.name)
+        folded.meta[_SOURCES] = lazy.meta.get(_SOURCES, ())
         value = ir.val(None, lazy.dtype, shape, const_value=folded)
         ir.convenience.replace_all_uses_with(out, value)
         name = out.name

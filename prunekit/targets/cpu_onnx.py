@@ -1,12 +1,13 @@
-"""cpu-onnx back end: every candidate is a real artifact. Each amount's model is exported once
-(verified against torch: logits and greedy tokens through the KV cache), then quantized per
-precision; ONNX Runtime itself computes each candidate's quality on the selection tokens, and one
-process times every artifact side by side. The chosen artifact is copied, not rebuilt.
+"""cpu-onnx back end: every candidate is a real artifact. Each amount's model is traced once and
+written (verified against torch: logits and greedy tokens through the KV cache), then quantized
+per precision; ONNX Runtime itself computes each candidate's quality on the selection tokens, and
+one process times every artifact side by side. The chosen artifact is copied, not rebuilt.
 
 INT4 has two quantizers, compared on the first amount (the better one quantizes every amount):
 ONNX Runtime's round-to-nearest on the export, and the same rounding after prunekit's
-activation-aware preparation (prunekit.activation_scaling), which needs an export of its own.
-int4-mixed is the same with the output head and the MLP's down projection at 8 bits."""
+activation-aware preparation (prunekit.activation_scaling), whose float file is the amount's
+trace written with the prepared weights (prunekit.exporters.onnx_streamed.rebind). int4-mixed is
+the same with the output head and the MLP's down projection at 8 bits."""
 
 from __future__ import annotations
 
@@ -23,8 +24,8 @@ from prunekit.arch import architecture_for
 from prunekit.evaluation import measure_qualities
 from prunekit.exporters.latency import measure_in_subprocess
 from prunekit.errors import PrunekitError
-from prunekit.exporters.onnx import (OnnxDecoder, export_verified, export_with_weights, onnx_bytes, onnx_logits,
-                                     quantize_int4, quantize_int8, verify_export)
+from prunekit.exporters.onnx import (OnnxDecoder, export_verified, onnx_bytes, onnx_logits, quantize_int4,
+                                     quantize_int8, verify_export)
 from prunekit.progress import say
 from prunekit.search import BUILT, Candidate
 from prunekit.targets import ExportOutcome
@@ -65,16 +66,20 @@ class OnnxCandidates:
         self.int4_used: dict[float, str] = {}  # amount -> the quantizer of its int4 artifact
 
     def build(self, model, amount: float, precisions: tuple[str, ...], windows, dense) -> list[Candidate]:
+        from prunekit.exporters.onnx_streamed import streamed_graph
+        from prunekit.weights import ModuleWeights
+
         folder = self.scratch / f"amount-{amount:g}"
         start = time.perf_counter()
         say(f"exporting the {'dense' if amount == 0 else f'{amount:g}-pruned'} model to ONNX", self.quiet)
-        fp32, self.checks[f"export {amount:g}"] = export_verified(model, folder / "fp32" / "model.onnx", self.probe)
+        graph = streamed_graph(model, ModuleWeights(model))
+        fp32 = self._written(graph, model, folder / "fp32" / "model.onnx", f"export {amount:g}")
         self.timings["export_onnx"] += time.perf_counter() - start
         judged = {}  # precision -> (path, quality) already measured
         int4s = tuple(p for p in precisions if p in INT4_PRECISIONS)
         compare = bool(int4s) and self.int4_quantizer is None and dense is not None and bool(self.calibration)
         quantizer = self.int4_quantizer or ("activation-aware" if self.calibration else "rtn-symmetric")
-        prepared = self._prepared(model, amount, folder, int4s) if compare or (
+        prepared = self._prepared(model, graph, amount, folder, int4s) if compare or (
             int4s and quantizer == "activation-aware") else {}
         if compare:
             judged[int4s[0]] = self._choose_int4(model, amount, fp32, prepared, folder, windows, dense, int4s[0])
@@ -118,10 +123,24 @@ class OnnxCandidates:
             sessions.clear()  # close the sessions: their threads must not share the cores with timing
             self.timings["judge"] += time.perf_counter() - start
 
-    def _prepared(self, model, amount: float, folder: Path, precisions: tuple[str, ...]) -> dict[str, Path]:
+    def _written(self, graph, model, path: Path, key: str) -> Path:
+        """The streamed graph ``graph`` (of ``model``'s weights) saved to ``path`` and verified."""
+        from prunekit.exporters.onnx_streamed import save_streamed
+
+        self.checks[key] = verify_export(save_streamed(graph, path), model, self.probe)
+        if not self.checks[key]["passed"]:
+            raise PrunekitError(f"the ONNX export does not match PyTorch: {self.checks[key]} (a prunekit bug, "
+                                f"please report)")
+        return path
+
+    def _prepared(self, model, graph, amount: float, folder: Path, precisions: tuple[str, ...]) -> dict[str, Path]:
         """Float exports of the model prepared for each 4-bit precision (prunekit.activation_scaling),
-        verified. One preparation serves both: int4-mixed differs from int4 only in the projections
-        it keeps at 8 bits (not clipped), so its export is int4's with those weights replaced."""
+        verified: the amount's trace ``graph`` written with the prepared weights. One preparation
+        serves both: int4-mixed differs from int4 only in the projections it keeps at 8 bits (not
+        clipped)."""
+        from prunekit.exporters.onnx_streamed import rebind
+        from prunekit.weights import ModuleWeights
+
         start = time.perf_counter()
         say(f"preparing the {'dense' if amount == 0 else f'{amount:g}-pruned'} model for "
             f"{' and '.join(precisions)}", self.quiet)
@@ -135,23 +154,14 @@ class OnnxCandidates:
         start = time.perf_counter()
         paths: dict[str, Path] = {}
         for precision in precisions:
-            path = folder / f"{precision}-prepared" / "model.onnx"
-            if paths:  # the first precision's export with this one's weights, checked like an export
-                first = next(iter(paths))
-                try:
-                    export_with_weights(paths[first], path, models[first], models[precision])
-                except LookupError:  # a weight the graph does not hold as one initializer
-                    pass
-                else:
-                    checks = verify_export(path, models[precision], self.probe)
-                    self.checks[f"export {amount:g} {precision}"] = {**checks, "from": f"export {amount:g} {first}"}
-                    if not checks["passed"]:
-                        raise PrunekitError(f"the ONNX export prepared for {precision} does not match PyTorch: "
-                                            f"{checks} (a prunekit bug, please report)")
-                    paths[precision] = path
-                    continue
-            paths[precision], self.checks[f"export {amount:g} {precision}"] = export_verified(
-                models[precision], path, self.probe)
+            path, key = folder / f"{precision}-prepared" / "model.onnx", f"export {amount:g} {precision}"
+            try:
+                rebind(graph, ModuleWeights(models[precision]))
+            except LookupError:  # the optimizer folded a weight the preparation changed: a trace of its own
+                paths[precision], self.checks[key] = export_verified(models[precision], path, self.probe)
+            else:
+                paths[precision] = self._written(graph, models[precision], path, key)
+                self.checks[key]["from"] = f"the trace of export {amount:g}"
         self.timings["export_onnx"] += time.perf_counter() - start
         return paths
 
