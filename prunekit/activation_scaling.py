@@ -49,14 +49,24 @@ def int4_round(weight: torch.Tensor, fraction: float = 1.0) -> torch.Tensor:
 
 def channel_scale(weights: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """The per-input-channel scale (mean|x|^a, a from EXPONENTS) whose 4-bit rounding of
-    ``weights`` reproduces their outputs on ``x`` best."""
+    ``weights`` reproduces their outputs on ``x`` best: the least ‖x Δᵀ‖² summed over the
+    weights, Δ = round(w·s)/s − w (the scaled input x/s meets the rounded scaled weight). With
+    fewer input channels than tokens, through the Gram xᵀx: tr(Δ xᵀx Δᵀ) costs outputs × inputs²
+    instead of outputs × inputs × tokens (the 49k-row head of the default model: 33 against
+    58 GFLOP per exponent)."""
     magnitude = x.abs().mean(0).clamp(min=1e-5)
-    reference = [x @ w.T for w in weights]
+    gram = x.T @ x if x.shape[1] < x.shape[0] else None
+
+    def error_of(delta: torch.Tensor) -> float:
+        if gram is None:
+            return float((x @ delta.T).pow(2).sum())
+        return float(((delta @ gram) * delta).sum())
+
     best, best_error = torch.ones_like(magnitude), float("inf")
     for exponent in EXPONENTS:
         s = magnitude ** exponent
         s = s / (s.max() * s.min()).sqrt()
-        error = sum(float(((x / s) @ int4_round(w * s).T - r).pow(2).sum()) for w, r in zip(weights, reference))
+        error = sum(error_of(int4_round(w * s) / s - w) for w in weights)
         if error < best_error:
             best, best_error = s, error
     return best

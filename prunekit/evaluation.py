@@ -95,6 +95,32 @@ def torch_logits(model) -> Logits:
     return logits
 
 
+class StoredLogits:
+    """A window -> logits function that computes each window's logits once and keeps them in
+    ``folder`` (a file per window, named by the window's tokens): the dense model's logits on the
+    selection tokens serve the screen of every pruned amount and every judging pass of a search
+    (each pass was a dense forward over them; 50 MB a 256-token window of a 49k vocabulary, on
+    disk rather than in memory)."""
+
+    def __init__(self, model_or_fn, folder):
+        from pathlib import Path
+
+        self.logits, self.folder = _as_logits(model_or_fn), Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, window: torch.Tensor) -> torch.Tensor:
+        import hashlib
+
+        import numpy as np
+
+        path = self.folder / f"{hashlib.sha256(window.numpy().tobytes()).hexdigest()[:32]}.npy"
+        if path.is_file():
+            return torch.from_numpy(np.load(path))
+        logits = self.logits(window)
+        np.save(path, logits.float().numpy())
+        return logits
+
+
 def _as_logits(model_or_fn) -> Logits:
     return model_or_fn if not isinstance(model_or_fn, torch.nn.Module) else torch_logits(model_or_fn)
 

@@ -124,6 +124,7 @@ def deploy(target: str, model: str | None = None, out: str | Path | None = None,
 
     from prunekit.calibration import calibration_ids
     from prunekit.checkpoint import save_checkpoint
+    from prunekit.evaluation import StoredLogits
     from prunekit.exporters.latency import peak_rss_gb
     from prunekit.report import SCHEMA, artifact_list, hardware, versions, write_report
     from prunekit.search import Selection, explore, select, selection_count, selection_split
@@ -174,7 +175,8 @@ def deploy(target: str, model: str | None = None, out: str | Path | None = None,
                 [(0.0, tuple(dict.fromkeys((reference, plan.precision))))]
             say(f"plan: {plan.method} {plan.pattern} sparsity {plan.sparsity:g}, {plan.precision}", quiet)
         explored = explore(loaded, dense, plan, grid, fit_ids, selection_ids, builder, calibration.source,
-                           screen=plan.search is not None, progress=not quiet)
+                           screen=plan.search is not None, progress=not quiet,
+                           reference=StoredLogits(dense, Path(scratch) / "dense-logits"))
         builder.measure(explored.candidates)
         timings.update({f"search_{k}": v for k, v in explored.seconds.items()})
         if plan.search is not None:

@@ -92,7 +92,7 @@ def markdown(report: dict, plot_name: str) -> str:
     if report["quality"] and report["quality"][0].get("runtime", "torch") != "torch":  # else the same rows
         rows += [("pruned, before export", q) for q in report.get("quality_pruned_torch", [])]
     for model, q in rows:
-        change = (f"{100 * (q['perplexity'] / q['dense_perplexity'] - 1):+.1f}%"
+        change = (_pct(100 * (q['perplexity'] / q['dense_perplexity'] - 1))
                   if q["dense_perplexity"] else "-")
         lines.append(f"| {q['language']} ({q['source']}) | {model} | {q.get('runtime', 'torch')} "
                      f"| {q['windows']} x {q['tokens'] // max(q['windows'], 1) + 1} "
@@ -126,7 +126,8 @@ def _search_lines(search: dict | None) -> list[str]:
                        for k, v in search["budget"].items() if k != "sources" and v is not None)
     lines = ["", "## Candidates", "", f"Budget: {limits or 'none'}. Judged on {search['selected_on']}.",
              f"Chosen: {selection['reason']}.", "",
-             "| candidate | status | ppl change (95% upper bound) | KL | top-1 | decode ms/token | prefill ms | size MB | within budget |",
+             "| candidate | status | ppl change (95% upper bound) | KL | top-1 | decode ms/token | prefill ms "
+             "| size MB | within budget |",
              "|---|---|---|---|---|---|---|---|---|"]
     for c in search["candidates"]:
         mark = " **(shipped)**" if c["name"] == selection["chosen"] else ""
@@ -142,7 +143,8 @@ def _search_lines(search: dict | None) -> list[str]:
         lines += ["", f"4-bit quantizers compared on the first amount's selection tokens at "
                       f"{search['int4_quantizers'][0].get('precision', 'int4')} (least perplexity increase quantizes "
                       f"every amount and 4-bit precision): " + ", ".join(
-                          f"{q['quantizer']} {q['ppl_increase']:+.1f}% KL {q['kl']:.4f}" for q in search["int4_quantizers"])]
+                          f"{q['quantizer']} {_pct(q['ppl_increase'])} KL {q['kl']:.4f}"
+                          for q in search["int4_quantizers"])]
     return lines
 
 
@@ -150,7 +152,12 @@ def _ppl_cell(candidate: dict) -> str:
     value, upper = candidate["ppl_increase"], candidate.get("ppl_increase_upper")
     if value is None:
         return "-"
-    return f"{value:+.1f}%" + (f" (≤ {upper:+.1f}%)" if upper is not None else "")
+    return _pct(value) + (f" (≤ {_pct(upper)})" if upper is not None else "")
+
+
+def _pct(value: float) -> str:
+    """A signed percentage to one decimal; a value that rounds to zero prints +0.0%, never -0.0%."""
+    return f"{value if round(value, 1) != 0 else 0.0:+.1f}%"
 
 
 def _plot(report: dict, path: Path) -> None:

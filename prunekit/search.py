@@ -140,13 +140,15 @@ class Exploration:
 
 
 def explore(loaded, dense, plan, grid: list[tuple[float, tuple[str, ...]]], fit_ids, selection_ids, builder,
-            calib_source: str, screen: bool = True, progress: bool = True) -> Exploration:
+            calib_source: str, screen: bool = True, progress: bool = True, reference=None) -> Exploration:
     """Build and judge every (amount, precision) of ``grid`` in increasing amount. Each amount is
     pruned once from the dense model on ``fit_ids``; with ``screen``, an amount whose pruned float
     model already breaks the quality budget on the selection tokens is not built (quantizing only
     adds loss), nor is any larger one (pruning more only loses more). With an N:M pattern, an
     amount below the pattern's own (2:4: 0.5) keeps N:M on that share of the blocks, the most
-    sensitive ones dense (prunekit.pruning.partial), all from one prune of every block."""
+    sensitive ones dense (prunekit.pruning.partial), all from one prune of every block.
+    ``reference`` (default: ``dense``) gives the dense logits that candidates are judged against
+    (prunekit.evaluation.StoredLogits computes them once for the whole search)."""
     import copy
     import time
 
@@ -157,6 +159,7 @@ def explore(loaded, dense, plan, grid: list[tuple[float, tuple[str, ...]]], fit_
     from prunekit.pruning.partial import keep_dense_blocks
     from prunekit.pruning.run import prune
 
+    reference = dense if reference is None else reference
     out = Exploration([], {}, seconds={"prune": 0.0, "screen": 0.0, "build": 0.0})
     stop_why, every_block = None, None  # every_block: the N:M prune of all blocks, made once
     implied = plan.pattern.implied_sparsity if plan.pattern.n_m else None
@@ -191,7 +194,7 @@ def explore(loaded, dense, plan, grid: list[tuple[float, tuple[str, ...]]], fit_
             model = result.model
             if screen:
                 start = time.perf_counter()
-                q = measure_quality(model, selection_ids, dense)
+                q = measure_quality(model, selection_ids, reference)
                 out.seconds["screen"] += time.perf_counter() - start
                 misses = plan.budget.misses(ppl_increase=q.increase_pct, kl=q.kl)
                 out.screen.append({"amount": amount, "ppl_increase": q.increase_pct, "kl": q.kl, "top1": q.top1,
@@ -202,7 +205,7 @@ def explore(loaded, dense, plan, grid: list[tuple[float, tuple[str, ...]]], fit_
                     out.candidates += [Candidate(amount, p, status=SKIPPED, why=stop_why) for p in precisions]
                     continue
         start = time.perf_counter()
-        out.candidates += builder.build(model, amount, precisions, selection_ids, dense)
+        out.candidates += builder.build(model, amount, precisions, selection_ids, reference)
         out.seconds["build"] += time.perf_counter() - start
         out.pruned[amount] = result
     return out

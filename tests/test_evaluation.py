@@ -64,3 +64,19 @@ def test_eval_specs_and_windows(tokenizer):
     assert eval_windows(tokenizer, "hello world " * 50, 8, 3).shape == (3, 8)
     with pytest.raises(UserInputError, match="fewer than one window"):
         eval_windows(tokenizer, "hi", 64)
+
+
+def test_stored_logits_compute_each_window_once(tmp_path):
+    from prunekit.evaluation import StoredLogits
+
+    calls = []
+
+    def logits(window):
+        calls.append(window)
+        return torch.randn(window.numel() - 1, 7)
+
+    stored = StoredLogits(logits, tmp_path / "dense")
+    windows = torch.randint(0, 7, (3, 5), generator=torch.Generator().manual_seed(0))
+    first = [stored(w) for w in windows]
+    again = [stored(w) for w in windows]
+    assert len(calls) == 3 and all(torch.equal(a, b) for a, b in zip(first, again))

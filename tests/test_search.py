@@ -131,3 +131,10 @@ def test_held_out_calibration_windows_come_from_the_end_of_the_text(tmp_path, to
     assert torch.equal(ids, calibration_ids(str(text), tokenizer, 16, 32, seed=0, held_out=2))  # seeded
     short = calibration_ids(str(text), tokenizer, stream.numel() // 32, 32, seed=0, held_out=2)
     assert short.shape[0] == stream.numel() // 32  # too short to split: sampled as one
+
+
+def test_report_percentages_never_print_minus_zero():
+    from prunekit.report import _ppl_cell
+
+    cell = _ppl_cell({"ppl_increase": -0.04, "ppl_increase_upper": -0.01})
+    assert cell == "+0.0% (≤ +0.0%)" and _ppl_cell({"ppl_increase": -1.26, "ppl_increase_upper": 2.0}) == "-1.3% (≤ +2.0%)"

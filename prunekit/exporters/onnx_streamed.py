@@ -260,7 +260,7 @@ def check_streamed_logits(path: Path, tokens: torch.Tensor, reference: torch.Ten
         step, past = runner.step(ids[:, i:i + 1], past)
         steps.append(step[0, -1])
     cache_diff = float(np.abs(np.stack(steps) - logits[0, -cached:]).max())
-    checks = {"kv_cache_io": bool(runner.past_names) and len(runner.past_names) == len(runner.present_names),
+    checks = {"kv_cache_io": runner.has_kv_cache,
               "max_abs_logit_diff": diff, "max_abs_cache_diff": cache_diff, "tolerance": tolerance,
               "logits_within_tolerance": diff <= tolerance and cache_diff <= tolerance}
     checks["passed"] = checks["kv_cache_io"] and checks["logits_within_tolerance"]

@@ -35,6 +35,11 @@ class OnnxDecoder:
         self.past_names = [n for n in self.inputs if n.startswith("past_key_values.")]
         self.present_names = [o.name for o in self.session.get_outputs() if o.name.startswith("present.")]
 
+    @property
+    def has_kv_cache(self) -> bool:
+        """The graph takes a past key/value for every present it returns: what decode needs."""
+        return bool(self.past_names) and len(self.past_names) == len(self.present_names)
+
     def empty_cache(self, batch: int = 1) -> list[np.ndarray]:
         return [np.zeros((batch, i.shape[1], 0, i.shape[3]), dtype=np.float32)
                 for i in (self.inputs[n] for n in self.past_names)]

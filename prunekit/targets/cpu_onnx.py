@@ -215,7 +215,7 @@ class OnnxCandidates:
         runner = OnnxDecoder(target / "model.onnx")
         quantizer = self.int4_used.get(chosen.amount) if chosen.precision in INT4_PRECISIONS else None
         export = f"export {chosen.amount:g}" + (f" {chosen.precision}" if quantizer == "activation-aware" else "")
-        self.checks["shipped"] = {"kv_cache_io": len(runner.past_names) == len(runner.present_names) > 0,
+        self.checks["shipped"] = {"kv_cache_io": runner.has_kv_cache,
                                   "verified_export": self.checks[export]["passed"], "int4_quantizer": quantizer}
         del runner
         latency = {"basis": "measured", "runtime": _runtime(), "shipped": chosen.name,
