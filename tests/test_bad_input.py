@@ -205,13 +205,13 @@ def test_help_does_not_import_torch():  # 12
 SLOW_EXPORT = """
 import signal, sys, time, tempfile, pathlib
 signal.signal(signal.SIGINT, signal.default_int_handler)  # as from a terminal: a background job starts with SIGINT ignored
-import prunekit.targets.cpu_onnx
-def slow(model, path, probe, fused=True):  # the first export of the search, inside its scratch folder
-    path.parent.mkdir(parents=True, exist_ok=True)
-    (path.parent / "model.onnx.data").write_bytes(b"x" * 1000)
+import prunekit.exporters.onnx_streamed
+def slow(model, weights, fused=True):  # the first export of the search: a file in its scratch folder
+    scratch = next(pathlib.Path(tempfile.gettempdir()).glob("prunekit-candidates-*"))
+    (scratch / "model.onnx.data").write_bytes(b"x" * 1000)
     pathlib.Path(sys.argv[1]).write_text("ready")
     time.sleep(60)
-prunekit.targets.cpu_onnx.export_verified = slow
+prunekit.exporters.onnx_streamed.streamed_graph = slow
 from prunekit.cli import deploy_main
 sys.exit(deploy_main(sys.argv[2:]))
 """

@@ -138,3 +138,46 @@ def test_report_percentages_never_print_minus_zero():
 
     cell = _ppl_cell({"ppl_increase": -0.04, "ppl_increase_upper": -0.01})
     assert cell == "+0.0% (≤ +0.0%)" and _ppl_cell({"ppl_increase": -1.26, "ppl_increase_upper": 2.0}) == "-1.3% (≤ +2.0%)"
+
+
+class _Built:
+    """A builder that builds nothing: every candidate it is handed counts as built."""
+
+    def build(self, model, amount, precisions, windows, reference):
+        return [Candidate(amount, p) for p in precisions]
+
+
+def _explore_fasp(tiny, monkeypatch, budget):
+    import torch
+
+    import prunekit.pruning.run
+    from prunekit.search import explore
+
+    pruned_on, real = [], prunekit.pruning.run.prune
+
+    def counting(loaded, *args, calib_ids=None, **kwargs):
+        pruned_on.append(calib_ids.shape[0])
+        return real(loaded, *args, calib_ids=calib_ids, **kwargs)
+
+    monkeypatch.setattr(prunekit.pruning.run, "prune", counting)
+    plan = make_plan(load_profile("cpu-onnx"), budget=budget)
+    fit = torch.randint(3, 300, (16, 16), generator=torch.Generator().manual_seed(0))
+    selection = torch.randint(3, 300, (2, 16), generator=torch.Generator().manual_seed(1))
+    explored = explore(tiny, tiny.model, plan, [(0.34, ("fp32",)), (0.67, ("fp32",))], fit, selection,
+                       _Built(), "tokens", progress=False)
+    return explored, pruned_on
+
+
+def test_screen_stops_far_outside_the_budget_on_a_slice_of_the_tokens(tiny, monkeypatch):
+    explored, pruned_on = _explore_fasp(tiny, monkeypatch, Budget(max_kl=1e-9))  # any pruning changes KL
+    assert pruned_on == [8]  # the slice only: never pruned on all 16 samples, nor the larger amount
+    assert all(c.status == SKIPPED and "not pruned on all" in c.why for c in explored.candidates)
+    assert explored.screen[0]["fit_samples"] == 8 and explored.screen[0]["misses"]
+
+
+def test_screen_prunes_on_all_tokens_what_the_slice_does_not_rule_out(tiny, monkeypatch):
+    explored, pruned_on = _explore_fasp(tiny, monkeypatch, Budget(max_ppl_increase=1e6))
+    assert pruned_on == [8, 16, 8, 16]
+    assert [c.status for c in explored.candidates] == ["built", "built"]
+    assert [s["fit_samples"] for s in explored.screen] == [8, 16, 8, 16]
+    assert explored.pruned[0.34].calibration["samples"] == 16  # what ships is the prune on all of them
