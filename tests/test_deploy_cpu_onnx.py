@@ -145,7 +145,7 @@ def test_failed_run_leaves_nothing_behind(tiny_folder, tmp_path, monkeypatch):
     def broken(*a, **k):
         raise RuntimeError("exporter crashed")
 
-    monkeypatch.setattr(prunekit.targets.cpu_onnx, "verify_export", broken)
+    monkeypatch.setattr(prunekit.targets.cpu_onnx, "require_verified", broken)
     assert deploy_main(_args(tiny_folder, tmp_path / "never")) == 1
     assert not (tmp_path / "never").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".never")]

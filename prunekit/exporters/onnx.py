@@ -75,13 +75,18 @@ def onnx_logits(runner: OnnxDecoder):
 
 def export_verified(model: torch.nn.Module, path: Path, probe: torch.Tensor, fused: bool = True) -> tuple[Path, dict]:
     """Export, then refuse to go on if ONNX Runtime does not reproduce PyTorch (see verify_export)."""
+    export_onnx(model, path, fused)
+    return path, require_verified(path, model, probe)
+
+
+def require_verified(path: Path, model: torch.nn.Module, probe: torch.Tensor) -> dict:
+    """``verify_export``'s checks of the file at ``path``; PrunekitError if they do not pass."""
     from prunekit.errors import PrunekitError
 
-    export_onnx(model, path, fused)
     checks = verify_export(path, model, probe)
     if not checks["passed"]:
         raise PrunekitError(f"the ONNX export does not match PyTorch: {checks} (a prunekit bug, please report)")
-    return path, checks
+    return checks
 
 
 def verify_export(path: Path, model: torch.nn.Module, tokens: torch.Tensor, new_tokens: int = 8,

@@ -23,9 +23,8 @@ from prunekit.activation_scaling import prepare_int4, prepare_int4_pair
 from prunekit.arch import architecture_for
 from prunekit.evaluation import measure_qualities
 from prunekit.exporters.latency import measure_in_subprocess
-from prunekit.errors import PrunekitError
 from prunekit.exporters.onnx import (OnnxDecoder, export_verified, onnx_bytes, onnx_logits, quantize_int4,
-                                     quantize_int8, verify_export)
+                                     quantize_int8, require_verified)
 from prunekit.progress import say
 from prunekit.search import BUILT, Candidate
 from prunekit.targets import ExportOutcome
@@ -127,10 +126,7 @@ class OnnxCandidates:
         """The streamed graph ``graph`` (of ``model``'s weights) saved to ``path`` and verified."""
         from prunekit.exporters.onnx_streamed import save_streamed
 
-        self.checks[key] = verify_export(save_streamed(graph, path), model, self.probe)
-        if not self.checks[key]["passed"]:
-            raise PrunekitError(f"the ONNX export does not match PyTorch: {self.checks[key]} (a prunekit bug, "
-                                f"please report)")
+        self.checks[key] = require_verified(save_streamed(graph, path), model, self.probe)
         return path
 
     def _prepared(self, model, graph, amount: float, folder: Path, precisions: tuple[str, ...]) -> dict[str, Path]:
