@@ -20,6 +20,8 @@ ROWS = {
     "wanda-2:4": {"method": "wanda", "pattern": "2:4", "sparsity": 0.5},
     "sparsegpt-50": {"method": "sparsegpt", "pattern": "unstructured", "sparsity": 0.5},
     "sparsegpt-2:4": {"method": "sparsegpt", "pattern": "2:4", "sparsity": 0.5},
+    "admm-50": {"method": "admm", "pattern": "unstructured", "sparsity": 0.5},
+    "admm-2:4": {"method": "admm", "pattern": "2:4", "sparsity": 0.5},
 }
 
 

@@ -50,6 +50,8 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
     Method("fasp", True, "structured: MLP and value channels removed, consumer refit", _fasp),
     Method("wanda", False, "|W|·‖X‖ per output row, unstructured or N:M", _zeroing("wanda")),
     Method("sparsegpt", False, "column-wise pruning with inverse-Hessian weight update", _zeroing("sparsegpt")),
+    Method("admm", False, "mask and weights solved on the layer's outputs (ADMM), refit toward the cut with "
+                          "λ chosen on held-out tokens", _zeroing("admm")),
     Method("magnitude", False, "|W| per layer (baseline)", _zeroing("magnitude")),
 )}
 METHODS = tuple(REGISTRY)
