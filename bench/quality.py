@@ -21,7 +21,9 @@ ROWS = {
     "sparsegpt-50": {"method": "sparsegpt", "pattern": "unstructured", "sparsity": 0.5},
     "sparsegpt-2:4": {"method": "sparsegpt", "pattern": "2:4", "sparsity": 0.5},
     "admm-50": {"method": "admm", "pattern": "unstructured", "sparsity": 0.5},
+    "admm-50-owl": {"method": "admm", "pattern": "unstructured", "sparsity": 0.5, "options": {"outlier_spread": 0.08}},
     "admm-2:4": {"method": "admm", "pattern": "2:4", "sparsity": 0.5},
+    "admm-2:4-perm": {"method": "admm", "pattern": "2:4", "sparsity": 0.5, "options": {"permute": True}},
 }
 
 

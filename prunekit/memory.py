@@ -89,8 +89,13 @@ def streamed_prune_memory(config, method: str, samples: int, seqlen: int, batch:
     # FASP: float32 Grams of the consumers' inputs, the held-out rows, and the MLP refit's kept
     # block of the Gram (at most 70% of the channels kept: half the square) in float32 beside its
     # float64 system. SparseGPT: float64 Grams and H⁻¹.
+    # ADMM: float32 Grams and held-out rows of all four input groups, then per group its normalized
+    # Gram, eigenbasis and held-out Gram (float32; float64 while normalizing) and six copies of the
+    # stacked rows (gate and up together are the widest: 2·inner x hidden).
     grams = {"fasp": 4 * (inner**2 + values**2) + 4 * held * (inner + values) + 12 * inner**2 / 2,
-             "sparsegpt": 2 * max(inner, hidden) ** 2 * 8 * 2}.get(method, 0.0)
+             "sparsegpt": 2 * max(inner, hidden) ** 2 * 8 * 2,
+             "admm": 4 * (2 * hidden**2 + values**2 + inner**2) + 4 * held * (2 * hidden + values + inner)
+             + 28 * inner**2 + 6 * 4 * 2 * inner * hidden}.get(method, 0.0)
     return PruneMemory(process=PROCESS_BYTES, embedding=4 * config.vocab_size * hidden, block=2 * block,
                        activations=4 * samples * seqlen * hidden, batch=work, statistics=grams)
 

@@ -198,7 +198,7 @@ def make_plan(profile: Profile, method: str | None = None, pattern: str | Patter
     reasons, warnings = [], []
     if profile.sparse_tensor_cores:
         reasons.append(f"{profile.device_name} has sparse tensor cores: a 2:4 pattern runs its GEMMs "
-                       f"up to {profile.sparse_gemm_speedup:g}x faster, so unstructured Wanda 2:4 "
+                       f"up to {profile.sparse_gemm_speedup:g}x faster, so 2:4 sparsity "
                        f"keeps the model's shapes and still gains speed")
     else:
         reasons.append(f"{profile.device_name} has no sparse tensor cores: zeros cost as much as any "
@@ -290,6 +290,6 @@ def plan_for_folder(profile: Profile, manifest: dict | None, precision: str | No
             raise UserInputError(
                 f"{profile.name} runs {wanted} sparse weights, but this folder is "
                 f"{'unpruned' if manifest is None else f'{plan.method} {plan.pattern}'}: prune it with "
-                f"`prunekit prune --method wanda --pattern {wanted}` first, or export it for cpu-onnx "
+                f"`prunekit prune --method admm --pattern {wanted}` first, or export it for cpu-onnx "
                 f"or coreml-iphone13")
     return plan

@@ -34,7 +34,7 @@ def test_every_command_has_help_with_examples():
 def test_plan_json(capsys):
     assert main(["plan", "--target", "a100-tensorrt-sparse", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
-    assert plan["method"] == "wanda" and plan["pattern"] == "2:4" and plan["latency_basis"] == "estimated"
+    assert plan["method"] == "admm" and plan["pattern"] == "2:4" and plan["latency_basis"] == "estimated"
 
 
 def test_plan_override_warns(capsys):

@@ -65,6 +65,8 @@ METHODS = [
     ("wanda", "2:4", 0.5, {}),
     ("wanda", "4:8", 0.5, {}),
     ("sparsegpt", "unstructured", 0.5, {}),
+    ("admm", "unstructured", 0.5, {}),
+    ("admm", "2:4", 0.5, {"permute": True}),
     ("magnitude", "unstructured", 0.5, {}),
     ("fasp", "structured", 0.3, {"granularity": "channels", "channel_multiple": 8, "value_multiple": 2}),
     ("fasp", "structured", 0.5, {"granularity": "heads", "channel_multiple": 8}),
@@ -73,7 +75,8 @@ METHODS = [
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method,pattern,sparsity,options", METHODS,
-                         ids=[f"{m}-{p}-{o.get('granularity', '')}".rstrip("-") for m, p, _, o in METHODS])
+                         ids=[f"{m}-{p}-{o.get('granularity', '')}{'perm' if o.get('permute') else ''}".rstrip("-")
+                              for m, p, _, o in METHODS])
 def test_every_method_prunes_saves_and_reloads(family, method, pattern, sparsity, options, tokenizer,
                                                calib_ids, tmp_path):
     loaded = LoadedModel(make_tiny(family), tokenizer, f"tiny-{family}")

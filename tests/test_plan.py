@@ -9,8 +9,8 @@ from prunekit.profile import load_profile
 @pytest.mark.parametrize("target,method,pattern,sparsity,precision,basis", [
     ("cpu-onnx", "fasp", "structured", 0.3, "int8", "measured"),
     ("coreml-iphone13", "fasp", "structured", 0.35, "int8", "estimated"),
-    ("a100-tensorrt-sparse", "wanda", "2:4", 0.5, "fp16", "estimated"),
-    ("h100-tensorrt-sparse", "wanda", "2:4", 0.5, "fp16", "estimated"),
+    ("a100-tensorrt-sparse", "admm", "2:4", 0.5, "fp16", "estimated"),
+    ("h100-tensorrt-sparse", "admm", "2:4", 0.5, "fp16", "estimated"),
 ])
 def test_default_plans(target, method, pattern, sparsity, precision, basis):
     plan = make_plan(load_profile(target))

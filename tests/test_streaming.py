@@ -15,7 +15,8 @@ from prunekit.pruning.run import prune
 from tests.conftest import FAMILIES, make_tiny
 
 METHODS = [("wanda", "2:4", 0.5, {}), ("sparsegpt", "unstructured", 0.5, {}),
-           ("fasp", "structured", 0.3, {"channel_multiple": 8})]
+           ("fasp", "structured", 0.3, {"channel_multiple": 8}),
+           ("admm", "unstructured", 0.5, {"outlier_spread": 0.1})]  # + the dense pass before pruning
 
 
 def test_symmetrize_in_place_matches_the_full_gram():

@@ -34,6 +34,9 @@ class ResidentBlocks:
     def release(self, index: int, block: nn.Module) -> None:
         decoder_layers(self.model)[index] = block.to("cpu")
 
+    def discard(self, index: int, block: nn.Module) -> None:
+        """A block that was only read (a dense pass before pruning): nothing to write."""
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The model's logits from the last block's output (final norm, then head)."""
         norm, head = (self.model.get_submodule(n) for n in (self.arch.final_norm, self.arch.head))
@@ -101,6 +104,10 @@ class StreamedBlocks(ResidentBlocks):
         block = block.to("cpu")
         self.checks += check_block(self.model, index, block, self.n_m)
         self._write(f"{self.arch.layers}.{index}", block)
+        decoder_layers(self.model)[index] = block.to("meta")
+        return_freed_memory()
+
+    def discard(self, index: int, block: nn.Module) -> None:
         decoder_layers(self.model)[index] = block.to("meta")
         return_freed_memory()
 

@@ -109,6 +109,17 @@ class InputStats:
         if self.want_gram:
             self._tokens = [int(t) for t in tokens.tolist()]
 
+    def permute_(self, order: torch.Tensor) -> None:
+        """The statistics of the same tokens with the features reordered (new j = old ``order[j]``):
+        for a block whose channels were reordered (prunekit.pruning.permutation). Once every token
+        is in: the Gram is read, and so complete."""
+        self.sumsq = self.sumsq[order]
+        if self.want_gram:
+            gram = self.gram
+            self._gram_upper = gram[order][:, order]
+            self._held_rows = self._held_rows[:, order]
+            self._sums = self._sums[:, order]
+
     @property
     def gram(self) -> torch.Tensor | None:
         """XᵀX over the fit tokens; the accumulator becomes the full matrix on first read."""
@@ -244,6 +255,33 @@ def _to(value, device):
 
 
 @torch.no_grad()
+def dense_pass(blocks, states: list, types: list[str], groups: dict[str, list[str]], measure) -> list:
+    """``states`` (block 0's inputs) through every dense block, before anything is pruned:
+    ``measure(index, linears, stats)`` on each block's input norms (no Grams), every process's
+    tokens summed. For methods that plan the blocks from the whole dense model (OWL's per-block
+    sparsity); a few batches cost a small share of the prune."""
+    results = []
+    for index, kind in enumerate(types):
+        block = blocks.load(index).to(compute_device())
+        linears = {name: block.get_submodule(name) for members in groups.values() for name in members}
+        stats, handles = {}, []
+        for leader, members in groups.items():
+            group_stats = InputStats(linears[leader].in_features, want_gram=False)
+            stats.update({name: group_stats for name in members})
+            handles.append(linears[leader].register_forward_pre_hook(lambda _m, args, s=group_stats: s.add(args[0])))
+        try:
+            states = [(run_block(block, hidden, kwargs[kind]), kwargs) for hidden, kwargs in states]
+        finally:
+            for handle in handles:
+                handle.remove()
+        for group_stats in {id(s): s for s in stats.values()}.values():
+            group_stats.sum_across_processes()
+        results.append(measure(index, linears, stats))
+        blocks.discard(index, block)
+    return results
+
+
+@torch.no_grad()
 def prune_layerwise(model, input_ids: torch.Tensor, pruner: BlockPruner, batch_size: int = 8,
                     progress: bool = True, blocks=None, probe: torch.Tensor | None = None) -> EngineResult:
     """Prune every block of ``model`` in order. ``blocks`` (prunekit.pruning.blocks) says where a
@@ -279,6 +317,10 @@ def prune_layerwise(model, input_ids: torch.Tensor, pruner: BlockPruner, batch_s
               for h, by_type in captured]
     del captured
     types = architecture_for(model.config).layer_types(model.config)
+    plan = getattr(pruner, "plan_blocks", None)  # (planning batches, measure, take the results)
+    if plan is not None:
+        batches, measure, take = plan
+        take(dense_pass(blocks, states[:batches], types, groups, measure))
     bar = tqdm(range(len(decoder_layers(model))), desc="pruning", unit="layer", disable=not progress, leave=False)
     for index in bar:
         block = blocks.load(index).to(device)

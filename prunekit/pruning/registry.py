@@ -23,7 +23,7 @@ class Method:
     def check_pattern(self, pattern: Pattern) -> None:
         if self.structured and not pattern.structured:
             raise UserInputError(f"method {self.name} removes whole channels: use --pattern structured, "
-                                 f"or --method wanda/sparsegpt/magnitude for pattern {pattern}")
+                                 f"or --method wanda/sparsegpt/admm/magnitude for pattern {pattern}")
         if not self.structured and pattern.structured:
             raise UserInputError(f"method {self.name} zeroes single weights: use --pattern unstructured "
                                  f"or N:M, or --method fasp for structured pruning")
@@ -35,14 +35,21 @@ def _fasp(sparsity: float, pattern: Pattern, **options):
     return FaspPruner(sparsity=sparsity, **options)
 
 
+# What the methods that zero single weights take (Python API and benchmarks): ``permute`` deals
+# the MLP and value channels into balanced N:M groups first (prunekit.pruning.permutation);
+# ``outlier_spread`` sets unstructured sparsity per block by outlier share (prunekit.pruning.layer_sparsity).
+ZEROING_OPTIONS = {"permute", "outlier_spread"}
+
+
 def _zeroing(name: str) -> Callable:
     def build(sparsity: float, pattern: Pattern, **options):
         from prunekit.pruning.unstructured import UnstructuredPruner
 
-        if options:
-            raise UserInputError(f"method {name} takes no option {', '.join(sorted(options))} "
+        unknown = set(options) - ZEROING_OPTIONS
+        if unknown:
+            raise UserInputError(f"method {name} takes no option {', '.join(sorted(unknown))} "
                                  f"(FASP-only)")
-        return UnstructuredPruner(name, pattern.implied_sparsity or sparsity, pattern.n_m)
+        return UnstructuredPruner(name, pattern.implied_sparsity or sparsity, pattern.n_m, **options)
     return build
 
 

@@ -9,8 +9,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from prunekit.errors import UserInputError
 from prunekit.pruning.engine import InputStats
+from prunekit.pruning.layer_sparsity import PLANNING_BATCHES, block_sparsities, outlier_share
 from prunekit.pruning.masks import magnitude_mask, wanda_mask
+from prunekit.pruning.permutation import permute_block_
 from prunekit.pruning.reconstruction import reconstruct
 from prunekit.pruning.sparsegpt import sparsegpt_prune
 
@@ -29,9 +32,45 @@ class UnstructuredPruner:
     sparsity: float
     n_m: tuple[int, int] | None = None
     held_out_fraction: float = 0.0
+    permute: bool = False  # N:M: deal the MLP and value channels into balanced groups first
+    outlier_spread: float = 0.0  # unstructured: per-block sparsity ± this by outlier share (OWL); 0: uniform
     _digest: "hashlib._Hash" = field(default_factory=hashlib.sha256, repr=False)
+    _config: object = field(default=None, repr=False)
+    _block_sparsity: list = field(default=None, repr=False)
+
+    @property
+    def plan_blocks(self):
+        """The engine's dense pass before pruning, when the blocks' sparsities come from it."""
+        if not self.outlier_spread or self.n_m:
+            return None
+        return PLANNING_BATCHES, lambda _index, linears, stats: outlier_share(linears, stats), self._take_shares
+
+    def _take_shares(self, shares: list[float]) -> None:
+        self._block_sparsity = block_sparsities(shares, self.sparsity, self.outlier_spread)
+        self._digest.update(repr(self._block_sparsity).encode())
+
+    def block_sparsity(self, index: int) -> float:
+        return self._block_sparsity[index] if self._block_sparsity else self.sparsity
+
+    def validate(self, model) -> None:
+        self._config = model.config
+
+    def finish(self, model) -> dict:
+        """What the manifest and report add: the parts of the method and the blocks' sparsities."""
+        details = {"permuted": True} if self.permute else {}
+        if self._block_sparsity:
+            details["block_sparsity"] = self._block_sparsity
+        return details
 
     def __post_init__(self):
+        if self.permute and not self.n_m:
+            raise UserInputError("channel permutation applies to N:M patterns: drop permute or use --pattern 2:4")
+        if self.outlier_spread and self.n_m:
+            raise UserInputError("N:M fixes every row's sparsity: per-block sparsity (outlier_spread) needs "
+                                 "--pattern unstructured")
+        if not 0 <= self.outlier_spread < min(self.sparsity, 1 - self.sparsity) + 1e-9:
+            raise UserInputError(f"outlier_spread {self.outlier_spread:g} must lie in [0, "
+                                 f"{min(self.sparsity, 1 - self.sparsity):g}) at sparsity {self.sparsity:g}")
         if self.method == "admm" and not self.held_out_fraction:
             self.held_out_fraction = 0.125  # the refit's λ is chosen on these tokens
 
@@ -46,20 +85,25 @@ class UnstructuredPruner:
 
     def prune_block(self, index: int, block: nn.Module, linears: dict[str, nn.Linear],
                     stats: dict[str, InputStats]) -> dict:
+        if self.permute and self.n_m:
+            for part, order in permute_block_(block, self._config, stats, self.n_m[1]).items():
+                self._digest.update(f"{index}.{part}".encode())
+                self._digest.update(order.numpy().tobytes())
+        sparsity = self.block_sparsity(index)
         if self.method == "admm":
-            return self._reconstruct_block(index, linears, stats)
+            return self._reconstruct_block(index, linears, stats, sparsity)
         zeroed, errors = {}, {}
         for name, linear in linears.items():
             weight = linear.weight.data
             before = weight.clone()
             if self.method == "wanda":
-                mask = wanda_mask(weight, stats[name].norm.to(weight.device), self.sparsity, self.n_m)
+                mask = wanda_mask(weight, stats[name].norm.to(weight.device), sparsity, self.n_m)
                 weight.mul_(mask)
             elif self.method == "magnitude":
-                mask = magnitude_mask(weight, self.sparsity, self.n_m)
+                mask = magnitude_mask(weight, sparsity, self.n_m)
                 weight.mul_(mask)
             elif self.method == "sparsegpt":
-                new_weight, mask = sparsegpt_prune(weight.cpu(), stats[name].gram, self.sparsity, self.n_m)
+                new_weight, mask = sparsegpt_prune(weight.cpu(), stats[name].gram, sparsity, self.n_m)
                 weight.copy_(new_weight.to(weight.device))
             else:
                 raise ValueError(f"unknown unstructured method {self.method}")
@@ -69,7 +113,8 @@ class UnstructuredPruner:
             errors[name] = relative_output_error(before, weight, stats[name].sumsq.to(weight.device))
         return {"sparsity": zeroed, "error": errors}
 
-    def _reconstruct_block(self, index: int, linears: dict[str, nn.Linear], stats: dict[str, InputStats]) -> dict:
+    def _reconstruct_block(self, index: int, linears: dict[str, nn.Linear], stats: dict[str, InputStats],
+                           sparsity: float) -> dict:
         """Layers that read the same inputs (q/k/v, gate/up) are solved as one stack of rows: one
         Gram, one eigendecomposition, one λ."""
         zeroed, errors, lambdas = {}, {}, {}
@@ -80,7 +125,7 @@ class UnstructuredPruner:
             group_stats = stats[names[0]]
             weights = [linears[n].weight.data for n in names]
             stacked = torch.cat([w.detach().cpu().float() for w in weights])
-            new, mask, info = reconstruct(stacked, group_stats.gram, group_stats.held_rows, self.sparsity, self.n_m)
+            new, mask, info = reconstruct(stacked, group_stats.gram, group_stats.held_rows, sparsity, self.n_m)
             group_stats.release_grams()
             for name, weight, part, keep in zip(names, weights, new.split([w.shape[0] for w in weights]),
                                                 mask.split([w.shape[0] for w in weights])):
