@@ -21,7 +21,7 @@ import torch
 
 from prunekit.pruning.masks import keep_mask
 
-SOLVE_DTYPE = torch.float32  # the ADMM and CG steps; measured here: the float64 masks and errors are the same
+SOLVE_DTYPE = torch.float32  # the ADMM and CG steps: float64 gave the same held-out errors (3 digits) at 2x the time
 # The λ grid of the refit (normalized units: 1 is the average input's own energy); ∞ is the cut.
 LAMBDAS = (1.0, 0.1, 0.01, 0.001)
 SEARCH_ROWS = 128  # output rows that rank λ (every row is independent; a sum over evenly spaced rows ranks as all do)
@@ -134,7 +134,8 @@ def reconstruct(weight: torch.Tensor, gram: torch.Tensor, held_rows: torch.Tenso
         errors[lam] = output_error(candidate, rows[0], held)
     errors[0.0] = output_error(solved[pick], rows[0], held)  # the ADMM's own fit
     best = min(errors, key=errors.get)
-    info = {"lambda": "cut" if best == float("inf") else best, "heldout_error_vs_cut": round(errors[best] / max(errors[float("inf")], 1e-30), 4)}
+    info = {"lambda": "cut" if best == float("inf") else best,
+            "heldout_error_vs_cut": round(errors[best] / max(errors[float("inf")], 1e-30), 4)}
     if best == float("inf"):
         return system.outward(cut).to(weight.dtype), mask, info
     if best == 0.0:
