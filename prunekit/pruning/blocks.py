@@ -104,8 +104,7 @@ class StreamedBlocks(ResidentBlocks):
         block = block.to("cpu")
         self.checks += check_block(self.model, index, block, self.n_m)
         self._write(f"{self.arch.layers}.{index}", block)
-        decoder_layers(self.model)[index] = block.to("meta")
-        return_freed_memory()
+        self.discard(index, block)
 
     def discard(self, index: int, block: nn.Module) -> None:
         decoder_layers(self.model)[index] = block.to("meta")

@@ -254,6 +254,28 @@ def _to(value, device):
     return value
 
 
+def attach_stats(linears: dict[str, nn.Linear], groups: dict[str, list[str]], make_stats,
+                 held_at=lambda: None) -> tuple[dict[str, InputStats], list]:
+    """One InputStats per group of linears that read the same tensor (``make_stats(leader,
+    module)``), filled by a hook on the group's leader with each batch (held out from row
+    ``held_at()``, or fit tokens when None). Returns (statistics by linear name, hook handles)."""
+    stats, handles = {}, []
+    for leader, members in groups.items():
+        module = linears[leader]
+        group_stats = make_stats(leader, module)
+        stats.update({name: group_stats for name in members})
+        handles.append(module.register_forward_pre_hook(lambda _m, args, s=group_stats: s.add(args[0], held_at())))
+    return stats, handles
+
+
+def stat_groups(stats: dict[str, InputStats]) -> list[tuple[InputStats, list[str]]]:
+    """Each distinct InputStats of ``stats`` (by linear name) with the names that share it, in order."""
+    groups: dict[int, tuple[InputStats, list[str]]] = {}
+    for name, group_stats in stats.items():
+        groups.setdefault(id(group_stats), (group_stats, []))[1].append(name)
+    return list(groups.values())
+
+
 @torch.no_grad()
 def dense_pass(blocks, states: list, types: list[str], groups: dict[str, list[str]], measure) -> list:
     """``states`` (block 0's inputs) through every dense block, before anything is pruned:
@@ -264,17 +286,13 @@ def dense_pass(blocks, states: list, types: list[str], groups: dict[str, list[st
     for index, kind in enumerate(types):
         block = blocks.load(index).to(compute_device())
         linears = {name: block.get_submodule(name) for members in groups.values() for name in members}
-        stats, handles = {}, []
-        for leader, members in groups.items():
-            group_stats = InputStats(linears[leader].in_features, want_gram=False)
-            stats.update({name: group_stats for name in members})
-            handles.append(linears[leader].register_forward_pre_hook(lambda _m, args, s=group_stats: s.add(args[0])))
+        stats, handles = attach_stats(linears, groups, lambda _leader, module: InputStats(module.in_features, False))
         try:
             states = [(run_block(block, hidden, kwargs[kind]), kwargs) for hidden, kwargs in states]
         finally:
             for handle in handles:
                 handle.remove()
-        for group_stats in {id(s): s for s in stats.values()}.values():
+        for group_stats, _ in stat_groups(stats):
             group_stats.sum_across_processes()
         results.append(measure(index, linears, stats))
         blocks.discard(index, block)
@@ -325,17 +343,15 @@ def prune_layerwise(model, input_ids: torch.Tensor, pruner: BlockPruner, batch_s
     for index in bar:
         block = blocks.load(index).to(device)
         linears = {name: block.get_submodule(name) for members in groups.values() for name in members}
-        stats, handles, current = {}, [], {"held_at": None}
+        current = {"held_at": None}
         wanted = getattr(pruner, "gram_groups", None)
-        for leader, members in groups.items():
-            module = linears[leader]
+
+        def make_stats(leader, module):
             gram = pruner.needs_gram and (wanted is None or leader in wanted)
-            group_stats = InputStats(module.in_features, gram, held_tokens if gram else 0,
-                                     getattr(pruner, "gram_dtype", torch.float64))
-            for name in members:
-                stats[name] = group_stats
-            handles.append(module.register_forward_pre_hook(
-                lambda _m, args, s=group_stats: s.add(args[0], current["held_at"])))
+            return InputStats(module.in_features, gram, held_tokens if gram else 0,
+                              getattr(pruner, "gram_dtype", torch.float64))
+
+        stats, handles = attach_stats(linears, groups, make_stats, lambda: current["held_at"])
         # The last group's input is the last thing the statistics need: skip the rest of the block
         # (down_proj's GEMM, a fifth of the block's work) in this pass.
         last_leader = linears[list(groups)[-1]]
@@ -350,7 +366,7 @@ def prune_layerwise(model, input_ids: torch.Tensor, pruner: BlockPruner, batch_s
         finally:
             for handle in handles:
                 handle.remove()
-        for group_stats in {id(s): s for s in stats.values()}.values():
+        for group_stats, _ in stat_groups(stats):
             group_stats.sum_across_processes()
         info = pruner.prune_block(index, block, linears, stats)
         result.blocks.append({"layer": index, **info})

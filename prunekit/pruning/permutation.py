@@ -50,7 +50,7 @@ def column_importance(weight: torch.Tensor, sumsq: torch.Tensor) -> torch.Tensor
 def permute_block_(block: nn.Module, config, stats: dict, m: int) -> dict:
     """Reorder ``block``'s MLP and value channels in place for groups of ``m``, and the input
     statistics of ``down_proj`` and ``o_proj`` (``stats``, by linear name) with them. Returns the
-    orders applied, for the report."""
+    orders applied (the mask hash includes them)."""
     arch = architecture_for(config)
     mlp, attention = block.get_submodule(arch.mlp), block.get_submodule(arch.attention)
     applied = {}

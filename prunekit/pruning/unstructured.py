@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from prunekit.errors import UserInputError
-from prunekit.pruning.engine import InputStats
+from prunekit.pruning.engine import InputStats, stat_groups
 from prunekit.pruning.layer_sparsity import PLANNING_BATCHES, block_sparsities, outlier_share
 from prunekit.pruning.masks import magnitude_mask, wanda_mask
 from prunekit.pruning.permutation import permute_block_
@@ -41,7 +41,7 @@ class UnstructuredPruner:
     @property
     def plan_blocks(self):
         """The engine's dense pass before pruning, when the blocks' sparsities come from it."""
-        if not self.outlier_spread or self.n_m:
+        if not self.outlier_spread:  # refused with N:M (__post_init__)
             return None
         return PLANNING_BATCHES, lambda _index, linears, stats: outlier_share(linears, stats), self._take_shares
 
@@ -85,7 +85,7 @@ class UnstructuredPruner:
 
     def prune_block(self, index: int, block: nn.Module, linears: dict[str, nn.Linear],
                     stats: dict[str, InputStats]) -> dict:
-        if self.permute and self.n_m:
+        if self.permute:  # N:M only (__post_init__)
             for part, order in permute_block_(block, self._config, stats, self.n_m[1]).items():
                 self._digest.update(f"{index}.{part}".encode())
                 self._digest.update(order.numpy().tobytes())
@@ -107,22 +107,24 @@ class UnstructuredPruner:
                 weight.copy_(new_weight.to(weight.device))
             else:
                 raise ValueError(f"unknown unstructured method {self.method}")
-            self._digest.update(f"{index}.{name}".encode())
-            self._digest.update(mask.cpu().numpy().tobytes())
-            zeroed[name] = round(1 - mask.float().mean().item(), 4)
-            errors[name] = relative_output_error(before, weight, stats[name].sumsq.to(weight.device))
+            zeroed[name], errors[name] = self._record(f"{index}.{name}", mask, before, weight, stats[name])
         return {"sparsity": zeroed, "error": errors}
+
+    def _record(self, key: str, mask: torch.Tensor, before: torch.Tensor, after: torch.Tensor,
+                stats: InputStats) -> tuple[float, float]:
+        """A pruned layer's mask into the mask hash; returns its block record: (share zeroed,
+        relative output error)."""
+        self._digest.update(key.encode())
+        self._digest.update(mask.cpu().numpy().tobytes())
+        return (round(1 - mask.float().mean().item(), 4),
+                relative_output_error(before, after, stats.sumsq.to(after.device)))
 
     def _reconstruct_block(self, index: int, linears: dict[str, nn.Linear], stats: dict[str, InputStats],
                            sparsity: float) -> dict:
         """Layers that read the same inputs (q/k/v, gate/up) are solved as one stack of rows: one
         Gram, one eigendecomposition, one λ."""
         zeroed, errors, lambdas = {}, {}, {}
-        groups: dict[int, list[str]] = {}
-        for name in linears:
-            groups.setdefault(id(stats[name]), []).append(name)
-        for names in groups.values():
-            group_stats = stats[names[0]]
+        for group_stats, names in stat_groups(stats):
             weights = [linears[n].weight.data for n in names]
             stacked = torch.cat([w.detach().cpu().float() for w in weights])
             new, mask, info = reconstruct(stacked, group_stats.gram, group_stats.held_rows, sparsity, self.n_m)
@@ -131,10 +133,7 @@ class UnstructuredPruner:
                                                 mask.split([w.shape[0] for w in weights])):
                 before = weight.clone()
                 weight.copy_(part.to(weight.device, weight.dtype))
-                self._digest.update(f"{index}.{name}".encode())
-                self._digest.update(keep.cpu().numpy().tobytes())
-                zeroed[name] = round(1 - keep.float().mean().item(), 4)
-                errors[name] = relative_output_error(before, weight, group_stats.sumsq.to(weight.device))
+                zeroed[name], errors[name] = self._record(f"{index}.{name}", keep, before, weight, group_stats)
                 lambdas[name] = info["lambda"]
         return {"sparsity": zeroed, "error": errors, "lambda": lambdas}
 
