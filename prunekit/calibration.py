@@ -51,7 +51,8 @@ def self_generated_ids(model, tokenizer, n_samples: int, seqlen: int, seed: int,
     A plain sampling loop over the KV cache: `generate()` spends seconds per step on its logits
     processors here, and this keeps the seed's effect obvious. Each token is drawn by inverting the
     cumulative distribution at a seeded uniform (sample_tokens); the profile's 64 samples go as
-    one batch, since a CPU's matrix products run faster on more rows."""
+    one batch, since a CPU's matrix products run faster on more rows. The cache is preallocated
+    (preallocated_cache): growing it by concatenation copied it whole at every step."""
     from tqdm import tqdm
 
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
@@ -62,8 +63,8 @@ def self_generated_ids(model, tokenizer, n_samples: int, seqlen: int, seed: int,
     for first in range(0, n_samples, batch_size):
         count = min(batch_size, n_samples - first)
         ids = torch.full((count, 1), start, dtype=torch.long)
-        out = model(ids, use_cache=True)
-        cache = getattr(out, "cache", None) or out.past_key_values
+        cache = preallocated_cache(model.config, seqlen)
+        out = model(ids, cache=cache, use_cache=True)
         for _ in range(seqlen - 1):
             token = sample_tokens(out.logits[:, -1], generator)
             ids = torch.cat([ids, token], dim=1)
@@ -72,6 +73,36 @@ def self_generated_ids(model, tokenizer, n_samples: int, seqlen: int, seed: int,
         samples.append(ids)
     bar.close()
     return torch.cat(samples)
+
+
+def preallocated_cache(config, capacity: int):
+    """transformers' DynamicCache for ``config`` whose full-attention layers write into buffers of
+    ``capacity`` positions and hand attention a view of the filled part (no copy), instead of
+    concatenating the whole cache at each step: about 20% of a 64-row decode step of the default
+    model at 140 positions, measured with torch's profiler. Sliding-window layers keep their own
+    class (they trim the cache themselves)."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    class PreallocatedLayer(DynamicLayer):
+        def lazy_initialization(self, key_states, value_states):
+            super().lazy_initialization(key_states, value_states)
+            self.key_buffer = key_states.new_empty(*key_states.shape[:2], capacity, key_states.shape[3])
+            self.value_buffer = value_states.new_empty(*value_states.shape[:2], capacity, value_states.shape[3])
+            self.keys, self.values = self.key_buffer[:, :, :0], self.value_buffer[:, :, :0]
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            start = self.keys.shape[-2]
+            end = start + key_states.shape[-2]
+            self.key_buffer[:, :, start:end] = key_states
+            self.value_buffer[:, :, start:end] = value_states
+            self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
+            return self.keys, self.values
+
+    cache = DynamicCache(config=config)
+    cache.layers = [PreallocatedLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
 
 
 def sample_tokens(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -161,7 +161,7 @@ def _explore_fasp(tiny, monkeypatch, budget):
 
     monkeypatch.setattr(prunekit.pruning.run, "prune", counting)
     plan = make_plan(load_profile("cpu-onnx"), budget=budget)
-    fit = torch.randint(3, 300, (16, 16), generator=torch.Generator().manual_seed(0))
+    fit = torch.randint(3, 300, (32, 16), generator=torch.Generator().manual_seed(0))
     selection = torch.randint(3, 300, (2, 16), generator=torch.Generator().manual_seed(1))
     explored = explore(tiny, tiny.model, plan, [(0.34, ("fp32",)), (0.67, ("fp32",))], fit, selection,
                        _Built(), "tokens", progress=False)
@@ -170,14 +170,14 @@ def _explore_fasp(tiny, monkeypatch, budget):
 
 def test_screen_stops_far_outside_the_budget_on_a_slice_of_the_tokens(tiny, monkeypatch):
     explored, pruned_on = _explore_fasp(tiny, monkeypatch, Budget(max_kl=1e-9))  # any pruning changes KL
-    assert pruned_on == [8]  # the slice only: never pruned on all 16 samples, nor the larger amount
+    assert pruned_on == [8]  # the slice only: never pruned on all 32 samples, nor the larger amount
     assert all(c.status == SKIPPED and "not pruned on all" in c.why for c in explored.candidates)
     assert explored.screen[0]["fit_samples"] == 8 and explored.screen[0]["misses"]
 
 
 def test_screen_prunes_on_all_tokens_what_the_slice_does_not_rule_out(tiny, monkeypatch):
     explored, pruned_on = _explore_fasp(tiny, monkeypatch, Budget(max_ppl_increase=1e6))
-    assert pruned_on == [8, 16, 8, 16]
+    assert pruned_on == [8, 32, 8, 32]
     assert [c.status for c in explored.candidates] == ["built", "built"]
-    assert [s["fit_samples"] for s in explored.screen] == [8, 16, 8, 16]
-    assert explored.pruned[0.34].calibration["samples"] == 16  # what ships is the prune on all of them
+    assert [s["fit_samples"] for s in explored.screen] == [8, 32, 8, 32]
+    assert explored.pruned[0.34].calibration["samples"] == 32  # what ships is the prune on all of them

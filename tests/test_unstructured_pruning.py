@@ -107,6 +107,25 @@ def test_self_calibration_is_seeded(tiny):
     assert (a[:, 0] == tiny.tokenizer.bos_token_id).all()
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_preallocated_cache_matches_a_growing_one(family):
+    """The preallocated cache hands attention the same keys and values as transformers' own
+    (Gemma 3's sliding layers, with a window shorter than the text, keep their class): the same
+    logits at every step, so the same samples."""
+    from transformers.cache_utils import DynamicCache
+
+    from prunekit.calibration import preallocated_cache
+    from tests.conftest import WINDOW, make_tiny
+
+    model = make_tiny(family)
+    ids = torch.randint(3, 300, (3, 2 * WINDOW), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        caches = [DynamicCache(config=model.config), preallocated_cache(model.config, ids.shape[1])]
+        for position in range(ids.shape[1]):
+            a, b = (model(ids[:, position:position + 1], cache=c, use_cache=True).logits for c in caches)
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
 def test_self_calibration_samples_at_temperature_one():
     """Inverse-CDF sampling draws each token with its softmax probability; never one of probability 0."""
     from prunekit.calibration import sample_tokens
