@@ -36,7 +36,7 @@ from prunekit.calibration import calibration_ids
 from prunekit.exporters.latency import peak_rss_gb
 from prunekit.models import load_model
 from prunekit.pruning.masks import wanda_mask
-from prunekit.pruning.permutation import balanced_order, column_importance
+from prunekit.pruning.permutation import balanced_order, column_importance, value_orders
 from prunekit.pruning.reconstruction import output_error, reconstruct
 from prunekit.pruning.sparsegpt import sparsegpt_prune
 
@@ -81,17 +81,8 @@ def permutation(model, group: str, weight: torch.Tensor, sumsq: torch.Tensor) ->
     if group == "down":
         return balanced_order(column_importance(weight, sumsq), 4)
     if group == "o":  # value channels, dealt within each key/value head (every query head reads them)
-        heads, kv_heads, head_dim = attention_shape(model.config)
-        group_heads = heads // kv_heads
-        orders = []
-        for kv in range(kv_heads):
-            channels = torch.arange(head_dim)
-            importance = sum(column_importance(weight[:, (kv * group_heads + h) * head_dim + channels],
-                                               sumsq[(kv * group_heads + h) * head_dim + channels])
-                             for h in range(group_heads))
-            order = balanced_order(importance, 4)
-            orders += [(kv * group_heads + h) * head_dim + order for h in range(group_heads)]
-        return torch.cat(orders)
+        heads, kv_heads, _ = attention_shape(model.config)
+        return value_orders(column_importance(weight, sumsq), heads, kv_heads, 4)[1]
     return None
 
 

@@ -47,6 +47,19 @@ def column_importance(weight: torch.Tensor, sumsq: torch.Tensor) -> torch.Tensor
     return weight.detach().float().square().sum(0).cpu().double() * sumsq.double().cpu()
 
 
+def value_orders(o_importance: torch.Tensor, heads: int, kv_heads: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The value channels' balanced order within each key/value head, from the importance of
+    ``o_proj``'s input columns (summed over the query heads that read each key/value head):
+    (``v_proj`` row order, ``o_proj`` column order)."""
+    value_dim = o_importance.numel() // heads
+    importance = o_importance.reshape(heads, value_dim)
+    per_group = heads // kv_heads
+    orders = [balanced_order(importance[g * per_group:(g + 1) * per_group].sum(0), m) for g in range(kv_heads)]
+    v_order = torch.cat([g * value_dim + order for g, order in enumerate(orders)])
+    o_order = torch.cat([h * value_dim + orders[h // per_group] for h in range(heads)])
+    return v_order, o_order
+
+
 def permute_block_(block: nn.Module, config, stats: dict, m: int) -> dict:
     """Reorder ``block``'s MLP and value channels in place for groups of ``m``, and the input
     statistics of ``down_proj`` and ``o_proj`` (``stats``, by linear name) with them. Returns the
@@ -68,11 +81,7 @@ def permute_block_(block: nn.Module, config, stats: dict, m: int) -> dict:
     value_dim = v.out_features // kv_heads  # narrower than head_dim after FASP's value pruning
     if value_dim % m == 0:
         name = f"{arch.attention}.{arch.o}"
-        importance = column_importance(o.weight, stats[name].sumsq).reshape(heads, value_dim)
-        per_group = heads // kv_heads
-        orders = [balanced_order(importance[g * per_group:(g + 1) * per_group].sum(0), m) for g in range(kv_heads)]
-        v_order = torch.cat([g * value_dim + order for g, order in enumerate(orders)])
-        o_order = torch.cat([h * value_dim + orders[h // per_group] for h in range(heads)])
+        v_order, o_order = value_orders(column_importance(o.weight, stats[name].sumsq), heads, kv_heads, m)
         _reorder_rows_(v, v_order)
         _reorder_columns_(o, o_order)
         stats[name].permute_(o_order)
