@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from prunekit import activation_scaling
-from prunekit.activation_scaling import clip_blocks, int4_round, prepare_int4
+from prunekit.activation_scaling import int4_round, prepare_int4
 
 
 def _model(seed=0):
@@ -51,21 +51,9 @@ def test_int4_round_is_onnx_runtimes_grid(tmp_path):
     assert not np.allclose(dequantized, weight.numpy(), atol=1e-3)
 
 
-def test_clipping_never_rounds_worse_and_stays_within_the_peak():
-    weight = torch.randn(16, 64, generator=torch.Generator().manual_seed(2)) ** 3  # heavy tails: clipping pays
-    importance = torch.rand(64, generator=torch.Generator().manual_seed(3))
-    clipped = clip_blocks(weight, importance)
-
-    def error(w):
-        return float(((int4_round(w) - weight) ** 2 * importance).sum())
-
-    assert error(clipped) < error(weight)
-    assert (clipped.abs() <= weight.abs() + 1e-7).all()
-
-
 def test_scaling_alone_computes_the_same_function(monkeypatch):
     model, windows = _model(), _windows()
-    monkeypatch.setattr(activation_scaling, "CLIP_FRACTIONS", (1.0,))
+    monkeypatch.setattr(activation_scaling, "gptq_int4", lambda weight, gram: weight)  # scaling, no rounding
     prepared = prepare_int4(model, windows)
     with torch.no_grad():
         assert torch.allclose(prepared(windows).logits, model(windows).logits, atol=1e-4)
@@ -91,14 +79,15 @@ def test_prepared_weights_round_closer_to_the_dense_model():
     assert (prepared - dense).pow(2).mean() < 0.8 * (plain - dense).pow(2).mean()
 
 
-def test_projections_kept_at_8_bits_are_not_clipped():
+def test_projections_kept_at_8_bits_are_not_rounded():
     model, windows = _model(), _windows()
-    kept = prepare_int4(model, windows, eight_bit=("o_proj",))  # o_proj has no producer: clipping only
-    clipped = prepare_int4(model, windows)
+    kept = prepare_int4(model, windows, eight_bit=("o_proj",))  # o_proj has no producer: rounding only
+    rounded = prepare_int4(model, windows)
     for layer, dense in zip(kept.model.layers, model.model.layers):
         assert torch.equal(layer.self_attn.o_proj.weight, dense.self_attn.o_proj.weight)
+        assert torch.equal(int4_round(layer.self_attn.q_proj.weight), layer.self_attn.q_proj.weight)  # on the grid
     assert any(not torch.equal(c.self_attn.o_proj.weight, d.self_attn.o_proj.weight)
-               for c, d in zip(clipped.model.layers, model.model.layers))
+               for c, d in zip(rounded.model.layers, model.model.layers))
 
 
 def test_mixed_int4_keeps_the_named_matmuls_at_8_bits(tmp_path):
