@@ -14,9 +14,9 @@ Runtime's own symmetric round-to-nearest land on a better grid:
    through the inputs' Gram); ONNX Runtime, re-deriving each block's scale from these weights,
    keeps exactly their integers, so the fast kernel runs them.
 
-Measured on the default model, every projection at 4 bits (8 held-out WikiText-2 windows of 512,
-torch emulation of the grid): round-to-nearest +26.0% perplexity, scaling with per-block clipping
-+16.9%, scaling with GPTQ +8.8% (docs/toolchain.md). Hand-written because AutoAWQ and
+Measured on the default model, every projection at 4 bits (`python bench/int4_rounding.py`: 8
+WikiText-2 test windows, torch emulation of the grid): round-to-nearest +40.4% perplexity, scaling
+with the per-block clipping this replaced +24.0%, scaling with GPTQ +18.0% (docs/toolchain.md). Hand-written because AutoAWQ and
 llm-compressor write their own checkpoint formats and need a GPU, and ONNX Runtime's calibrated
 4-bit quantizers either keep float zero points (a kernel 10x slower here) or need a separate
 toolkit.
