@@ -7,14 +7,15 @@ GGUF, beside prunekit's ONNX artifacts, timed in the same process, round-robin, 
     CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_VBMI=ON \
       -DGGML_AVX512_BF16=ON -DGGML_AVX_VNNI=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF" \
       pip install --no-cache-dir --force-reinstall --no-deps -c constraints.txt llama-cpp-python
-    python bench/llamacpp.py --deployed prunekit-out/cpu-onnx [--rounds 5] [--ppl-windows 40]
+    python bench/llamacpp.py [--deployed prunekit-out/cpu-onnx] [--rounds 5] [--ppl-windows 40]
 
 Rows: llama.cpp on the GGUF (Q4_1, the file prunekit dequantizes to fp32 as its dense reference),
-prunekit's dense fp32, dense INT8, dense INT4 and INT4-mixed (activation-aware, prepared on 8 x 512
-WikiText-2 validation tokens; exported here), and the artifact a deploy shipped
-(``--deployed``: its onnx/). Each row: prefill of a 128-token prompt, decode ms per token (median
-over rounds of the median step), and perplexity on the protocol's WikiText-2 windows with its
-change against the dense fp32 model in torch, all computed here. Run it alone.
+prunekit's dense fp32, dense INT8, dense int4-source (the GGUF's own Q4_1 integers, prunekit.source_grid),
+dense INT4 and INT4-mixed (activation-aware, prepared on 8 x 512 WikiText-2 validation tokens;
+exported here), and the artifact a deploy shipped (``--deployed``, optional: its onnx/). Each row:
+prefill of a 128-token prompt, decode ms per token (median over rounds of the median step), and
+perplexity on the protocol's WikiText-2 windows with its change against the dense fp32 model in
+torch, all computed here. Run it alone.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ from prunekit.evaluation import eval_windows, measure_qualities
 from prunekit.exporters.latency import _one_round, peak_rss_gb
 from prunekit.activation_scaling import prepare_int4
 from prunekit.calibration import calibration_ids
-from prunekit.exporters.onnx import OnnxDecoder, export_onnx, onnx_bytes, onnx_logits, quantize_int4, quantize_int8
+from prunekit.exporters.onnx import (OnnxDecoder, export_onnx, onnx_bytes, onnx_logits, quantize_int4,
+                                     quantize_int4_source, quantize_int8)
 from prunekit.models import default_gguf_path, load_model
 from prunekit.targets.cpu_onnx import INT4_PRECISIONS, eight_bit_names
 from prunekit.threads import usable_cores, use_usable_cores
@@ -70,7 +72,7 @@ class LlamaCppDecoder:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--deployed", type=Path, required=True, help="a deploy --target cpu-onnx output folder")
+    parser.add_argument("--deployed", type=Path, help="a deploy --target cpu-onnx output folder (a row for its artifact)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--ppl-windows", type=int, default=40)
     parser.add_argument("--out", type=Path, default=Path("docs/results/llamacpp.json"))
@@ -80,20 +82,22 @@ def main():
     began = time.perf_counter()
     dense = load_model(None)
     windows = eval_windows(dense.tokenizer, EVAL_FILE.read_text(encoding="utf-8"), EVAL_SEQLEN, args.ppl_windows)
-    report = json.loads((args.deployed / "report.json").read_text())
+    report = json.loads((args.deployed / "report.json").read_text()) if args.deployed else None
     gguf = default_gguf_path()
     with tempfile.TemporaryDirectory() as scratch:
         fp32 = export_onnx(dense.model, Path(scratch) / "fp32" / "model.onnx")
         calib = calibration_ids(str(CALIB_FILE), dense.tokenizer, 8, 512, seed=0)
         paths = {"prunekit dense fp32": fp32,
-                 "prunekit dense int8": quantize_int8(fp32, Path(scratch) / "int8" / "model.onnx")}
+                 "prunekit dense int8": quantize_int8(fp32, Path(scratch) / "int8" / "model.onnx"),
+                 "prunekit dense int4-source": quantize_int4_source(fp32, Path(scratch) / "int4-source" / "model.onnx")}
         for precision in INT4_PRECISIONS:  # as deploy builds them (prunekit.targets.cpu_onnx)
             torch_names, onnx_names = eight_bit_names(dense.model, precision)
             prepared = export_onnx(prepare_int4(dense.model, calib, eight_bit=torch_names),
                                    Path(scratch) / f"{precision}-prepared" / "model.onnx")
             paths[f"prunekit dense {precision} (activation-aware)"] = quantize_int4(
                 prepared, Path(scratch) / precision / "model.onnx", eight_bit=onnx_names)
-        paths.update({f"prunekit shipped ({report['search']['selection']['chosen']})": args.deployed / "onnx" / "model.onnx"})
+        if report:
+            paths[f"prunekit shipped ({report['search']['selection']['chosen']})"] = args.deployed / "onnx" / "model.onnx"
         runners = {f"llama.cpp {gguf.name}": LlamaCppDecoder(gguf, threads)}
         runners.update({name: OnnxDecoder(path, threads=threads) for name, path in paths.items()})
         sizes = {name: onnx_bytes(path) for name, path in paths.items()}
@@ -125,7 +129,7 @@ def main():
     result = {"threads": threads, "prompt_tokens": 128, "decode_tokens": 32, "rounds": args.rounds,
               "windows": f"{len(windows)} x {EVAL_SEQLEN} tokens of {EVAL_FILE.name}",
               "wall_seconds": round(time.perf_counter() - began, 1), "peak_rss_gb": round(peak_rss_gb(), 3),
-              "deployed": str(args.deployed), "rows": rows}
+              "deployed": args.deployed and str(args.deployed), "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print("| row | size MB | prefill 128 ms | decode ms/token | WikiText-2 ppl | change vs dense |")

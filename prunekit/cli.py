@@ -133,7 +133,8 @@ def _add_eval(p):
 def _add_precision(p):
     p.add_argument("--precision", choices=PRECISIONS,
                    help="weights to ship: fp32/fp16 (float), int8, int4 (block-wise), int4-mixed (ONNX Runtime: int4 "
-                        "with the output head and the MLP's down projection at 8 bits), palette4 (Core ML); "
+                        "with the output head and the MLP's down projection at 8 bits), int4-source (ONNX Runtime: the 4-bit "
+                        "integers of a Q4 GGUF kept exactly, other weights at 8 bits), palette4 (Core ML); "
                         "default: searched within the budget")
     p.add_argument("--int8", dest="precision", action="store_const", const="int8", help="same as --precision int8")
     p.add_argument("--no-int8", dest="precision", action="store_const", const="float",

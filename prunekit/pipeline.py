@@ -378,7 +378,7 @@ def export(target: str, model_dir: str | Path, out: str | Path, force: bool = Fa
            precision: str | None = None, calib: str = "pydoc", quiet: bool = False):
     """`prunekit export`: a pruned folder to the target's artifact, with the plan the folder was
     pruned with (its prunekit.json); a folder that cannot serve the target is refused first.
-    ``calib`` is the text static INT8 calibrates on. ONNX Runtime's fp32 and INT8 are written
+    ``calib`` is the text static INT8 calibrates on. ONNX Runtime's fp32, INT8 and int4-source are written
     without loading the folder (prunekit.targets.cpu_onnx.build_streamed); the other artifacts
     load it, as their converters need the whole model."""
     quiet_libraries(quiet)

@@ -174,6 +174,8 @@ PRECISION_REASONS = {
     "int4": "4-bit block-wise weights quarter the bytes moved per token",
     "int4-mixed": "4-bit block-wise weights, the output head and the MLP's down projection at 8 "
                   "bits: the most sensitive projections keep their quality, as in llama.cpp's Q4_K_M",
+    "int4-source": "4-bit weights exactly as the source file holds them (a Q4 GGUF: no second rounding), "
+                   "the weights that are not on a 4-bit grid at 8 bits",
     "palette4": "4-bit palettized weights (16 shared values per group of 32 channels): a quarter of the bytes"}
 
 

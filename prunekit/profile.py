@@ -17,12 +17,13 @@ from prunekit.pattern import Pattern
 from prunekit.pruning.registry import METHODS
 RATE_PRECISIONS = ("fp32", "fp16", "int8")  # the compute rates a device lists
 # What each runtime runs well: float, INT8 weights, 4-bit weights (ONNX Runtime MatMulNBits, all of
-# them or all but the output head and the MLP's down projection, which stay at 8 bits: int4-mixed; Core ML per-block
+# them or all but the output head and the MLP's down projection, which stay at 8 bits: int4-mixed; or exactly
+# the 4-bit grid a GGUF's weights already lie on, the rest at 8 bits: int4-source; Core ML per-block
 # INT4 and 4-bit palettization, both iOS 18); TensorRT: fp16 and INT8 (QDQ).
-RUNTIME_PRECISIONS = {"onnxruntime": ("fp32", "int8", "int4", "int4-mixed"),
+RUNTIME_PRECISIONS = {"onnxruntime": ("fp32", "int8", "int4", "int4-mixed", "int4-source"),
                       "coreml": ("fp16", "int8", "int4", "palette4"),
                       "tensorrt": ("fp16", "int8")}
-PRECISIONS = ("fp32", "fp16", "int8", "int4", "int4-mixed", "palette4")
+PRECISIONS = ("fp32", "fp16", "int8", "int4", "int4-mixed", "int4-source", "palette4")
 OBJECTIVES = ("latency", "size")
 BUDGET_KEYS = ("max_ppl_increase", "max_kl", "max_latency_ms", "max_size_mb")
 RUNTIMES = {"onnxruntime": "onnx", "coreml": "mlpackage", "tensorrt": "onnx+engine"}

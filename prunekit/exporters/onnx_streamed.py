@@ -184,9 +184,11 @@ def _fold_weight_transposes(graph) -> None:
         graph.register_initializer(value)
 
 
-def as_matmul_nbits(model, bits: int, block_size: int = BLOCK_SIZE, accuracy_level: int = 4) -> None:
-    """Every MatMul over a weight as MatMulNBits, its weight quantized by ONNX Runtime's block
-    quantizer (the kernel of MatMulNBitsQuantizer) when written; its scales follow in the file."""
+def as_matmul_nbits(model, bits: int, block_size: int = BLOCK_SIZE, accuracy_level: int = 4,
+                    exclude: frozenset[str] = frozenset()) -> None:
+    """Every MatMul over a weight (but the nodes named in ``exclude``) as MatMulNBits, its weight
+    quantized by ONNX Runtime's block quantizer (the kernel of MatMulNBitsQuantizer) when written;
+    its scales follow in the file."""
     import onnx_ir as ir
     from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
                                                                  DefaultWeightOnlyQuantizer)
@@ -196,7 +198,7 @@ def as_matmul_nbits(model, bits: int, block_size: int = BLOCK_SIZE, accuracy_lev
     graph = model.graph
     for node in list(graph):
         weight = node.inputs[1] if node.op_type == "MatMul" and len(node.inputs) == 2 else None
-        if not _lazy(weight) or len(weight.const_value.shape) != 2 or len(weight.uses()) != 1:
+        if not _lazy(weight) or len(weight.const_value.shape) != 2 or len(weight.uses()) != 1 or node.name in exclude:
             continue
         k, n = weight.const_value.shape
         blocks, blob = -(-k // block_size), block_size * bits // 8
@@ -218,6 +220,91 @@ def as_matmul_nbits(model, bits: int, block_size: int = BLOCK_SIZE, accuracy_lev
         for value in (packed, scales):
             graph.register_initializer(value)
     model.opset_imports.setdefault("com.microsoft", 1)
+
+
+def as_int4_source(model, accuracy_level: int = 4) -> int:
+    """prunekit.exporters.onnx.quantize_int4_source on a streamed graph: every MatMul whose weight
+    lies on a 4-bit grid (prunekit.source_grid) as 4-bit MatMulNBits with those integers plus the
+    blocks' offsets, each weight read once to find its grid and again as it is written; the other
+    MatMuls at 8 bits. Returns how many MatMuls kept a grid (0: nothing changed)."""
+    import onnx_ir as ir
+
+    from prunekit.source_grid import BLOCK, fit_grid
+
+    graph, block_sums, offset_products = model.graph, {}, set()
+    for node in list(graph):
+        weight = node.inputs[1] if node.op_type == "MatMul" and len(node.inputs) == 2 else None
+        if not _lazy(weight) or len(weight.const_value.shape) != 2 or len(weight.uses()) != 1:
+            continue
+        if fit_grid(weight.const_value.numpy().T) is None:
+            continue
+        (k, n), x, name = weight.const_value.shape, node.inputs[0], weight.name
+        if x not in block_sums:
+            shape = ir.val(f"{x.name}_blocks", ir.DataType.INT64, [4],
+                           const_value=ir.tensor(np.array([0, 0, k // BLOCK, BLOCK], np.int64)))
+            axis = ir.val(f"{x.name}_block_axis", ir.DataType.INT64, [1], const_value=ir.tensor(np.array([-1], np.int64)))
+            by_block = ir.node("Reshape", [x, shape], name=f"{x.name}_by_block")
+            summed = ir.node("ReduceSum", [by_block.outputs[0], axis], attributes={"keepdims": 0},
+                             name=f"{x.name}_block_sums")
+            graph.insert_before(node, [by_block, summed])
+            for value in (shape, axis):
+                graph.register_initializer(value)
+            block_sums[x] = summed.outputs[0]
+        grid = _SourceGrid(weight.const_value)
+        blocks = k // BLOCK
+        packed, scales, offsets = (
+            ir.val(f"{name}_{part}", dtype, dims, const_value=ir.LazyTensor(
+                read, dtype, ir.Shape(dims), name=f"{name}_{part}"))
+            for part, dtype, dims, read in (("Q4", ir.DataType.UINT8, [n, blocks, BLOCK // 2], grid.packed),
+                                            ("scales", ir.DataType.FLOAT, [n, blocks], grid.scales),
+                                            ("offsets", ir.DataType.FLOAT, [blocks, n], grid.offsets)))
+        product = ir.node("MatMulNBits", [x, packed, scales], domain="com.microsoft",
+                          attributes={"K": k, "N": n, "bits": 4, "block_size": BLOCK, "accuracy_level": accuracy_level},
+                          name=f"{node.name}_Q4")
+        offset = ir.node("MatMul", [block_sums[x], offsets], name=f"{node.name}_offsets")
+        total = ir.node("Add", [product.outputs[0], offset.outputs[0]], name=f"{node.name}_add_offsets")
+        offset_products.add(offset.name)
+        graph.insert_after(node, [product, offset, total])
+        out, out_name = node.outputs[0], node.outputs[0].name
+        ir.convenience.replace_all_uses_with(out, total.outputs[0], replace_graph_outputs=True)
+        graph.remove(node, safe=True)
+        graph.initializers.pop(name)
+        total.outputs[0].name = out_name
+        for value in (packed, scales, offsets):
+            graph.register_initializer(value)
+    if offset_products:
+        as_matmul_nbits(model, bits=8, accuracy_level=accuracy_level, exclude=frozenset(offset_products))
+    return len(offset_products)
+
+
+class _SourceGrid:
+    """One weight's grid (prunekit.source_grid), found when its first part is written; its steps
+    and offsets (1/32 of the weight each) are kept until they are written after the codes."""
+
+    def __init__(self, weight):
+        self.weight, self._grid = weight, None
+
+    def _part(self, part: str):
+        import onnx_ir as ir
+
+        from prunekit.source_grid import fit_grid
+
+        if self._grid is None:
+            self._grid = fit_grid(self.weight.numpy().T)
+        grid = self._grid
+        if part == "offsets":  # the last part written: the grid is no longer needed
+            self._grid = None
+            return ir.Tensor(np.ascontiguousarray(grid.offsets.T))
+        return ir.Tensor(grid.packed() if part == "packed" else grid.steps)
+
+    def packed(self):
+        return self._part("packed")
+
+    def scales(self):
+        return self._part("scales")
+
+    def offsets(self):
+        return self._part("offsets")
 
 
 class _QuantizedWeight:

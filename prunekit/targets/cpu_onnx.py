@@ -7,7 +7,9 @@ INT4 has two quantizers, compared on the first amount (the better one quantizes 
 ONNX Runtime's round-to-nearest on the export, and the same rounding after prunekit's
 activation-aware preparation (prunekit.activation_scaling), whose float file is the amount's
 trace written with the prepared weights (prunekit.exporters.onnx_streamed.rebind). int4-mixed is
-the same with the output head and the MLP's down projection at 8 bits."""
+the same with the output head and the MLP's down projection at 8 bits. int4-source rounds nothing:
+the weights already on a 4-bit grid (a Q4 GGUF's) keep their integers (prunekit.source_grid), the
+rest go to 8 bits."""
 
 from __future__ import annotations
 
@@ -22,15 +24,18 @@ import torch
 from prunekit.activation_scaling import prepare_int4, prepare_int4_pair
 from prunekit.arch import architecture_for
 from prunekit.evaluation import measure_qualities
+from prunekit.errors import UserInputError
 from prunekit.exporters.latency import measure_in_subprocess
 from prunekit.exporters.onnx import (OnnxDecoder, export_verified, onnx_bytes, onnx_logits, quantize_int4,
-                                     quantize_int8, require_verified)
+                                     quantize_int4_source, quantize_int8, require_verified)
 from prunekit.progress import say
-from prunekit.search import BUILT, Candidate
+from prunekit.search import BUILT, SKIPPED, Candidate
 from prunekit.targets import ExportOutcome
 
 INT4_QUANTIZERS = ("rtn-symmetric", "activation-aware")
 INT4_PRECISIONS = ("int4", "int4-mixed")
+NO_SOURCE_GRID = ("no weight lies on a 4-bit grid (the source was not a 4-bit GGUF): int4-source would be "
+                  "int8 under another name")
 
 
 def eight_bit_names(model, precision: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -82,7 +87,7 @@ class OnnxCandidates:
             int4s and quantizer == "activation-aware") else {}
         if compare:
             judged[int4s[0]] = self._choose_int4(model, amount, fp32, prepared, folder, windows, dense, int4s[0])
-        paths = {}
+        paths, skipped = {}, []
         for precision in precisions:
             if precision in judged:
                 paths[precision] = judged[precision][0]
@@ -92,6 +97,15 @@ class OnnxCandidates:
                 used = self.int4_quantizer or quantizer
                 paths[precision] = self._int4(model, amount, prepared.get(precision) if used == "activation-aware"
                                               else fp32, folder, precision, used)
+            elif precision == "int4-source":
+                start = time.perf_counter()
+                say("keeping the weights' own 4-bit grid (int4-source)", self.quiet)
+                path = quantize_int4_source(fp32, folder / precision / "model.onnx")
+                self.timings["quantize"] += time.perf_counter() - start
+                if path is None:
+                    skipped.append(Candidate(amount, precision, status=SKIPPED, why=NO_SOURCE_GRID))
+                else:
+                    paths[precision] = path
             else:
                 start = time.perf_counter()
                 say(f"quantizing to {precision}", self.quiet)
@@ -110,7 +124,7 @@ class OnnxCandidates:
             out.append(Candidate(amount, precision, ppl_increase=q and q.increase_pct,
                                  ppl_increase_upper=q and q.increase_upper_pct, kl=q and q.kl, top1=q and q.top1,
                                  quality_by=q and _runtime(), bytes=onnx_bytes(path), size_basis="file"))
-        return out
+        return out + skipped
 
     def _quality(self, paths: dict, windows, dense) -> dict:
         start = time.perf_counter()
@@ -227,23 +241,26 @@ def build(context) -> ExportOutcome:
         builder = OnnxCandidates(Path(scratch), context.probe_tokens, context.quiet, context.int8_flavour,
                                  list(context.calib_tokens[:8]))
         (candidate,) = builder.build(context.model, context.plan.sparsity, (context.plan.precision,), None, None)
+        if candidate.status == SKIPPED:
+            raise UserInputError(f"--precision {candidate.precision}: {candidate.why}; use int8 or int4")
         builder.measure([candidate])
         outcome = builder.ship(candidate, context.stage)
     outcome.variants = [candidate.as_dict()]
     return outcome
 
 
-STREAMED_PRECISIONS = ("fp32", "int8")
+STREAMED_PRECISIONS = ("fp32", "int8", "int4-source")
 
 
 def build_streamed(loaded, amount: float, precision: str, stage: Path, quiet: bool = False) -> ExportOutcome:
     """`prunekit export` of a folder it never loads (``loaded`` from prunekit.models.open_streamed):
     the fp32 graph written a tensor at a time and verified against torch logits computed a block
-    at a time (and through its own KV cache); INT8 written the same way, each weight quantized as
-    it is written (prunekit.exporters.onnx_streamed). Memory: one block for the reference, one
+    at a time (and through its own KV cache); INT8 and int4-source written the same way, each
+    weight quantized (or its own 4-bit grid found) as it is written (prunekit.exporters.onnx_streamed). Memory: one block for the reference, one
     tensor for the writes, and ONNX Runtime's session of the fp32 file for its verification."""
     from prunekit.checkpoint import probe_ids
-    from prunekit.exporters.onnx_streamed import as_matmul_nbits, check_streamed_logits, save_streamed, streamed_graph
+    from prunekit.exporters.onnx_streamed import (as_int4_source, as_matmul_nbits, check_streamed_logits,
+                                                  save_streamed, streamed_graph)
     from prunekit.pruning.blocks import streamed_logits
 
     timings: dict[str, float] = defaultdict(float)
@@ -267,6 +284,13 @@ def build_streamed(loaded, amount: float, precision: str, stage: Path, quiet: bo
             say("writing INT8 (MatMulNBits) one tensor at a time", quiet)
             as_matmul_nbits(graph, bits=8)  # the fp32 trace, its weights quantized as they are written
             path = save_streamed(graph, Path(scratch) / "int8" / "model.onnx")
+            timings["quantize"] = time.perf_counter() - start
+        elif precision == "int4-source":
+            start = time.perf_counter()
+            say("writing the weights' own 4-bit grid (int4-source) one tensor at a time", quiet)
+            if not as_int4_source(graph):
+                raise UserInputError(f"--precision int4-source: {NO_SOURCE_GRID}; use int8 or int4")
+            path = save_streamed(graph, Path(scratch) / "int4-source" / "model.onnx")
             timings["quantize"] = time.perf_counter() - start
         candidate = Candidate(amount, precision, bytes=onnx_bytes(path), size_basis="file")
         start = time.perf_counter()
