@@ -2,14 +2,14 @@
 MatMulNBits grids (exact for the 4-bit rows: tests/test_gptq.py checks GPTQ's weights survive
 ONNX Runtime's quantizer unchanged).
 
-    python bench/int4_rounding.py [--fit-windows 8] [--fit-seqlen 256] [--eval-windows 8]
+    python bench/int4_rounding.py [--fit-windows 64] [--fit-seqlen 256] [--eval-windows 8]
 
 Rows: symmetric round-to-nearest on every projection; GPTQ alone (no channel scaling); the
 preparation deploy uses (prunekit.activation_scaling: channel scaling, then GPTQ) with every
 projection at 4 bits, and int4-mixed (the head and down_proj at 8 bits, emulated as 8-bit
-symmetric blocks of 32). Fitted on WikiText-2 validation windows (deploy's 8 x 256), judged on the
-protocol's WikiText-2 test windows of 1024 against the dense model. Prints a table and writes JSON.
-Run it alone.
+symmetric blocks of 32). Fitted on WikiText-2 validation windows (by default deploy's 64 x 256:
+prunekit.targets.cpu_onnx.INT4_FIT_TOKENS), judged on the protocol's WikiText-2 test windows of
+1024 against the dense model. Prints a table and writes JSON. Run it alone.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from prunekit.evaluation import eval_windows, measure_qualities
 from prunekit.exporters.latency import peak_rss_gb
 from prunekit.gptq import BLOCK, gptq_int4
 from prunekit.models import load_model
-from prunekit.targets.cpu_onnx import eight_bit_names
+from prunekit.targets.cpu_onnx import INT4_FIT_TOKENS, eight_bit_names
 from prunekit.threads import use_usable_cores
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -76,12 +76,13 @@ def rounded(model: nn.Module, eight_bit: tuple[str, ...] = (), gptq_windows: tor
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--fit-windows", type=int, default=8)
+    parser.add_argument("--fit-windows", type=int, help="default: as deploy, INT4_FIT_TOKENS / --fit-seqlen")
     parser.add_argument("--fit-seqlen", type=int, default=256)
     parser.add_argument("--eval-windows", type=int, default=8)
     parser.add_argument("--out", type=Path, default=Path("bench/results/int4-rounding.json"))
     args = parser.parse_args()
     use_usable_cores()
+    args.fit_windows = args.fit_windows or INT4_FIT_TOKENS // args.fit_seqlen
     began = time.perf_counter()
     loaded = load_model(None)
     dense = loaded.model

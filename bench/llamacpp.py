@@ -11,8 +11,8 @@ GGUF, beside prunekit's ONNX artifacts, timed in the same process, round-robin, 
 
 Rows: llama.cpp on the GGUF (Q4_1, the file prunekit dequantizes to fp32 as its dense reference),
 prunekit's dense fp32, dense INT8, dense int4-source (the GGUF's own Q4_1 integers, prunekit.source_grid),
-dense INT4 and INT4-mixed (activation-aware, prepared on 8 x 512 WikiText-2 validation tokens;
-exported here), and the artifact a deploy shipped (``--deployed``, optional: its onnx/). Each row:
+dense INT4 and INT4-mixed (activation-aware, prepared as deploy prepares them, on 32 x 512 WikiText-2
+validation tokens; exported here), and the artifact a deploy shipped (``--deployed``, optional: its onnx/). Each row:
 prefill of a 128-token prompt, decode ms per token (median over rounds of the median step), and
 perplexity on the protocol's WikiText-2 windows with its change against the dense fp32 model in
 torch, all computed here. Run it alone.
@@ -38,7 +38,7 @@ from prunekit.calibration import calibration_ids
 from prunekit.exporters.onnx import (OnnxDecoder, export_onnx, onnx_bytes, onnx_logits, quantize_int4,
                                      quantize_int4_source, quantize_int8)
 from prunekit.models import default_gguf_path, load_model
-from prunekit.targets.cpu_onnx import INT4_PRECISIONS, eight_bit_names
+from prunekit.targets.cpu_onnx import INT4_FIT_TOKENS, INT4_PRECISIONS, eight_bit_names
 from prunekit.threads import usable_cores, use_usable_cores
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -86,7 +86,7 @@ def main():
     gguf = default_gguf_path()
     with tempfile.TemporaryDirectory() as scratch:
         fp32 = export_onnx(dense.model, Path(scratch) / "fp32" / "model.onnx")
-        calib = calibration_ids(str(CALIB_FILE), dense.tokenizer, 8, 512, seed=0)
+        calib = calibration_ids(str(CALIB_FILE), dense.tokenizer, INT4_FIT_TOKENS // 512, 512, seed=0)
         paths = {"prunekit dense fp32": fp32,
                  "prunekit dense int8": quantize_int8(fp32, Path(scratch) / "int8" / "model.onnx"),
                  "prunekit dense int4-source": quantize_int4_source(fp32, Path(scratch) / "int4-source" / "model.onnx")}

@@ -97,24 +97,29 @@ def _groups(model: nn.Module) -> list[tuple[str, nn.Module, list[nn.Linear]]]:
 def _sample_inputs(model: nn.Module, modules: list[nn.Module], windows: torch.Tensor, tokens: int,
                    seed: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """``tokens`` input rows of each module, sampled (seeded) from a forward over ``windows``, and
-    the Gram XᵀX of all its input rows (GPTQ's)."""
-    seen: list[list[torch.Tensor]] = [[] for _ in modules]
-    hooks = [m.register_forward_hook(lambda _m, inp, _o, i=i: seen[i].append(inp[0].reshape(-1, inp[0].shape[-1])))
-             for i, m in enumerate(modules)]
+    the Gram XᵀX of all its input rows (GPTQ's), summed a window at a time: the rows themselves are
+    never all held (64 windows of 256 tokens would be 6 GB of them on the default model)."""
+    length = windows.shape[1]
+    generator = torch.Generator().manual_seed(seed)
+    rows = torch.randperm(windows.shape[0] * length, generator=generator)[:tokens]
+    sampled: list[torch.Tensor | None] = [None] * len(modules)
+    grams: list[torch.Tensor | int] = [0] * len(modules)
+
+    def keep(i: int, inputs) -> None:
+        x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
+        if sampled[i] is None:
+            sampled[i] = x.new_empty(len(rows), x.shape[1])
+        here = (rows >= window * length) & (rows < (window + 1) * length)
+        sampled[i][here] = x[rows[here] - window * length]
+        grams[i] = x.T @ x if window == 0 else grams[i].add_(x.T @ x)
+
+    hooks = [m.register_forward_hook(lambda _m, inp, _o, i=i: keep(i, inp)) for i, m in enumerate(modules)]
     try:
-        for window in windows:
-            model(window[None])
+        for window, ids in enumerate(windows):
+            model(ids[None])
     finally:
         for hook in hooks:
             hook.remove()
-    generator = torch.Generator().manual_seed(seed)
-    rows = torch.randperm(sum(x.shape[0] for x in seen[0]), generator=generator)[:tokens]
-    sampled, grams = [], []
-    for chunks in seen:
-        x = torch.cat(chunks).float()
-        chunks.clear()
-        sampled.append(x[rows])
-        grams.append(x.T @ x)
     return sampled, grams
 
 

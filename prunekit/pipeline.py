@@ -164,7 +164,7 @@ def deploy(target: str, model: str | None = None, out: str | Path | None = None,
 
         windows = evaluation.token_windows(loaded.tokenizer)
         probe = windows[0][0][:32]
-        builder = candidate_builder(profile, Path(scratch), probe, quiet, int8_flavour, list(fit_ids[:8]))
+        builder = candidate_builder(profile, Path(scratch), probe, quiet, int8_flavour, list(fit_ids))
         reference = dense_precision(profile)
         if plan.search is not None:
             grid = [(a, plan.search.precisions) for a in plan.search.amounts]

@@ -85,9 +85,10 @@ def candidate_builder(profile: Profile, scratch: Path, probe, quiet: bool = Fals
 
     judges = {}
     if profile.runtime == "tensorrt":
+        from prunekit.targets.cpu_onnx import QDQ_WINDOWS
         from prunekit.targets.tensorrt_sparse import QdqJudge
 
-        judges["int8"] = QdqJudge(scratch, probe, calibration or [], quiet)
+        judges["int8"] = QdqJudge(scratch, probe, (calibration or [])[:QDQ_WINDOWS], quiet)
     return EstimatedCandidates(profile, BACKENDS[profile.runtime], quiet, judges)
 
 
