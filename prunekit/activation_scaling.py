@@ -15,8 +15,10 @@ Runtime's own symmetric round-to-nearest land on a better grid:
    keeps exactly their integers, so the fast kernel runs them.
 
 Measured on the default model, every projection at 4 bits (`python bench/int4_rounding.py`: 8
-WikiText-2 test windows, torch emulation of the grid): round-to-nearest +40.4% perplexity, scaling
-with the per-block clipping this replaced +24.0%, scaling with GPTQ +18.0% (docs/toolchain.md). Hand-written because AutoAWQ and
+WikiText-2 test windows, torch emulation of the grid, fitted on 8 x 256 tokens): round-to-nearest
++40.4% perplexity, scaling with the per-block clipping this replaced +24.0%, scaling with GPTQ
++18.0%; fitted on 64 x 256 tokens as deploy does, +11.5%, and int4-mixed +5.5% (docs/search.md).
+Hand-written because AutoAWQ and
 llm-compressor write their own checkpoint formats and need a GPU, and ONNX Runtime's calibrated
 4-bit quantizers either keep float zero points (a kernel 10x slower here) or need a separate
 toolkit.
