@@ -34,8 +34,9 @@ from prunekit.targets import ExportOutcome
 
 INT4_QUANTIZERS = ("rtn-symmetric", "activation-aware")
 # Calibration tokens the 4-bit preparation fits on (the first windows of the fit samples): on the
-# default model 8 x 256 gave int4-mixed +10.3% on WikiText-2 test, 32 x 256 +6.6%, 64 x 256 +5.5%,
-# at 27, 51 and 80 s (bench/int4_rounding.py --fit-windows); its Grams grow with the widths only.
+# default model int4-mixed reads +10.3% on 8 WikiText-2 test windows fitted on 8 x 256 and +5.5%
+# on 64 x 256, INT4 +18.0% and +11.5%, the preparation then 74 s (bench/int4_rounding.py
+# --fit-windows N); its memory grows with the widths only (its Grams), not with the tokens.
 INT4_FIT_TOKENS = 64 * 256
 QDQ_WINDOWS = 8  # static INT8 (qdq) calibrates on this many windows: an ONNX Runtime pass over each
 INT4_PRECISIONS = ("int4", "int4-mixed")
