@@ -116,7 +116,7 @@ def test_a_q4_model_exports_with_no_second_rounding(tokenizer, tmp_path):
 
 def test_export_ships_int4_source_only_from_a_4_bit_source(tokenizer, tmp_path, capsys):
     """`prunekit export --precision int4-source` (streamed): written from a Q4-rounded folder, the
-    same graph as the resident quantizer makes of the loaded model; from float
+    same logits as the quantizer of a float file gives on the loaded model's export; from float
     weights one error line (there is nothing to keep) and exit 2, with nothing left behind."""
     import onnx
 

@@ -177,65 +177,25 @@ def quantize_int4(src: Path, dst: Path, block_size: int = 32, eight_bit: tuple[s
 
 
 def quantize_int4_source(src: Path, dst: Path, accuracy_level: int = 4) -> Path | None:
-    """int4-source: every MatMul whose weight lies on a 4-bit grid (prunekit.source_grid: a weight
-    from a Q4 GGUF, or a projection a pruning left untouched) as a 4-bit MatMulNBits with exactly
-    those integers and steps, plus its blocks' offsets as ``ReduceSum`` of the input per block
-    times a small float MatMul (one sum per input, shared by the projections that read it); every
-    other MatMul at 8 bits (MatMulNBits). None, with nothing written, when no weight is on a grid:
-    the candidate would be INT8 under another name."""
+    """int4-source from a float ONNX file: every MatMul whose weight lies on a 4-bit grid (a weight
+    from a Q4 GGUF, or a projection a pruning left untouched) as 4-bit MatMulNBits with exactly
+    those integers, plus its blocks' offsets; every other MatMul at 8 bits
+    (prunekit.exporters.onnx_streamed.as_int4_source, over the file's weights read one at a time).
+    None, with nothing written, when no weight is on a grid: the candidate would be INT8 under
+    another name."""
     _require_onnx()
-    import onnx
-    from onnx import helper, numpy_helper
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    import onnx_ir as ir
 
-    from prunekit.source_grid import BLOCK, fit_grid
+    from prunekit.exporters.onnx_streamed import as_int4_source, save_streamed
 
-    model = onnx.load(str(src))
-    graph = model.graph
-    weights = {w.name: w for w in graph.initializer}
-    nodes, added, dropped, block_sums, offset_products = [], [], set(), {}, []
-    for node in graph.node:
-        weight = node.op_type == "MatMul" and weights.get(node.input[1])
-        grid = weight and len(weight.dims) == 2 and fit_grid(numpy_helper.to_array(weight).T)
-        if not grid:
-            nodes.append(node)
-            continue
-        (inputs, outputs), x, name = weight.dims, node.input[0], node.input[1]
-        dropped.add(name)
-        added += [numpy_helper.from_array(grid.packed(), f"{name}_Q4"),
-                  numpy_helper.from_array(grid.steps, f"{name}_scales"),
-                  numpy_helper.from_array(np.ascontiguousarray(grid.offsets.T), f"{name}_offsets")]
-        if x not in block_sums:
-            block_sums[x] = f"{x}_block_sums"
-            added += [numpy_helper.from_array(np.array([0, 0, inputs // BLOCK, BLOCK], np.int64), f"{x}_blocks"),
-                      numpy_helper.from_array(np.array([-1], np.int64), f"{x}_block_axis")]
-            nodes += [helper.make_node("Reshape", [x, f"{x}_blocks"], [f"{x}_by_block"], name=f"{x}_by_block"),
-                      helper.make_node("ReduceSum", [f"{x}_by_block", f"{x}_block_axis"], [block_sums[x]],
-                                       keepdims=0, name=block_sums[x])]
-        out = node.output[0]
-        offset_products.append(f"{node.name}_offsets")
-        nodes += [helper.make_node("MatMulNBits", [x, f"{name}_Q4", f"{name}_scales"], [f"{out}_Q4"],
-                                   domain="com.microsoft", K=inputs, N=outputs, bits=4, block_size=BLOCK,
-                                   accuracy_level=accuracy_level, name=f"{node.name}_Q4"),
-                  helper.make_node("MatMul", [block_sums[x], f"{name}_offsets"], [f"{out}_offsets"],
-                                   name=offset_products[-1]),
-                  helper.make_node("Add", [f"{out}_Q4", f"{out}_offsets"], [out], name=f"{node.name}_add_offsets")]
-    if not dropped:
+    model = ir.load(str(src))
+    for value in model.graph.initializers.values():  # read when written, as a streamed graph's weights are
+        stored = value.const_value
+        value.const_value = ir.LazyTensor(lambda stored=stored: stored, dtype=stored.dtype, shape=stored.shape,
+                                          name=value.name)
+    if not as_int4_source(model, accuracy_level):
         return None
-    kept = [w for w in graph.initializer if w.name not in dropped]
-    del graph.node[:], graph.initializer[:]
-    graph.node.extend(nodes)
-    graph.initializer.extend(kept + added)
-    if not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    quantizer = MatMulNBitsQuantizer(model, bits=8, block_size=BLOCK, is_symmetric=True,
-                                     accuracy_level=accuracy_level, nodes_to_exclude=offset_products)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        quantizer.process()
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    quantizer.model.save_model_to_file(str(dst), use_external_data_format=True)
-    return dst
+    return save_streamed(model, dst)
 
 
 def quantize_qdq(src: Path, dst: Path, calibration: list[torch.Tensor]) -> Path:

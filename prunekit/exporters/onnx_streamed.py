@@ -223,10 +223,12 @@ def as_matmul_nbits(model, bits: int, block_size: int = BLOCK_SIZE, accuracy_lev
 
 
 def as_int4_source(model, accuracy_level: int = 4) -> int:
-    """prunekit.exporters.onnx.quantize_int4_source on a streamed graph: every MatMul whose weight
-    lies on a 4-bit grid (prunekit.source_grid) as 4-bit MatMulNBits with those integers plus the
-    blocks' offsets, each weight read once to find its grid and again as it is written; the other
-    MatMuls at 8 bits. Returns how many MatMuls kept a grid (0: nothing changed)."""
+    """int4-source on a streamed graph (and, through prunekit.exporters.onnx.quantize_int4_source,
+    on a float ONNX file): every MatMul whose weight lies on a 4-bit grid (prunekit.source_grid) as
+    4-bit MatMulNBits with those integers, plus ReduceSum of its input per block of 32 times the
+    blocks' offsets (one sum per input, shared by the projections that read it), each weight read
+    once to find its grid and again as it is written; the other MatMuls at 8 bits. Returns how many
+    MatMuls kept a grid (0: nothing changed)."""
     import onnx_ir as ir
 
     from prunekit.source_grid import BLOCK, fit_grid
