@@ -105,7 +105,7 @@ def _sample_inputs(model: nn.Module, modules: list[nn.Module], windows: torch.Te
     generator = torch.Generator().manual_seed(seed)
     rows = torch.randperm(windows.shape[0] * length, generator=generator)[:tokens]
     sampled: list[torch.Tensor | None] = [None] * len(modules)
-    grams: list[torch.Tensor | int] = [0] * len(modules)
+    grams: list[torch.Tensor | None] = [None] * len(modules)
 
     def keep(i: int, inputs) -> None:
         x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()

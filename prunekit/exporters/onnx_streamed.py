@@ -184,6 +184,30 @@ def _fold_weight_transposes(graph) -> None:
         graph.register_initializer(value)
 
 
+def _matmul_weight(node):
+    """The weight ``node`` multiplies by when it is a MatMul over a lazily read 2-D initializer that
+    nothing else reads (what the quantized writers replace), else None."""
+    weight = node.inputs[1] if node.op_type == "MatMul" and len(node.inputs) == 2 else None
+    if not _lazy(weight) or len(weight.const_value.shape) != 2 or len(weight.uses()) != 1:
+        return None
+    return weight
+
+
+def _replace_matmul(graph, node, weight, nodes: list, output, initializers) -> None:
+    """``nodes`` in place of the MatMul ``node``, ``output`` (one of theirs) taking the MatMul's
+    output name and uses, ``initializers`` in place of ``weight``."""
+    import onnx_ir as ir
+
+    graph.insert_after(node, nodes)
+    out, name = node.outputs[0], node.outputs[0].name
+    ir.convenience.replace_all_uses_with(out, output, replace_graph_outputs=True)
+    graph.remove(node, safe=True)
+    graph.initializers.pop(weight.name)
+    output.name = name
+    for value in initializers:
+        graph.register_initializer(value)
+
+
 def as_matmul_nbits(model, bits: int, block_size: int = BLOCK_SIZE, accuracy_level: int = 4,
                     exclude: frozenset[str] = frozenset()) -> None:
     """Every MatMul over a weight (but the nodes named in ``exclude``) as MatMulNBits, its weight
@@ -197,8 +221,8 @@ def as_matmul_nbits(model, bits: int, block_size: int = BLOCK_SIZE, accuracy_lev
         block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level, bits=bits))
     graph = model.graph
     for node in list(graph):
-        weight = node.inputs[1] if node.op_type == "MatMul" and len(node.inputs) == 2 else None
-        if not _lazy(weight) or len(weight.const_value.shape) != 2 or len(weight.uses()) != 1 or node.name in exclude:
+        weight = _matmul_weight(node)
+        if weight is None or node.name in exclude:
             continue
         k, n = weight.const_value.shape
         blocks, blob = -(-k // block_size), block_size * bits // 8
@@ -211,14 +235,7 @@ def as_matmul_nbits(model, bits: int, block_size: int = BLOCK_SIZE, accuracy_lev
                               attributes={"K": k, "N": n, "bits": bits, "block_size": block_size,
                                           "accuracy_level": accuracy_level},
                               name=f"{node.name}_Q{bits}" if node.name else None)
-        graph.insert_after(node, replacement)
-        out, name = node.outputs[0], node.outputs[0].name
-        ir.convenience.replace_all_uses_with(out, replacement.outputs[0], replace_graph_outputs=True)
-        graph.remove(node, safe=True)
-        graph.initializers.pop(weight.name)
-        replacement.outputs[0].name = name
-        for value in (packed, scales):
-            graph.register_initializer(value)
+        _replace_matmul(graph, node, weight, [replacement], replacement.outputs[0], (packed, scales))
     model.opset_imports.setdefault("com.microsoft", 1)
 
 
@@ -235,10 +252,8 @@ def as_int4_source(model, accuracy_level: int = 4) -> int:
 
     graph, block_sums, offset_products = model.graph, {}, set()
     for node in list(graph):
-        weight = node.inputs[1] if node.op_type == "MatMul" and len(node.inputs) == 2 else None
-        if not _lazy(weight) or len(weight.const_value.shape) != 2 or len(weight.uses()) != 1:
-            continue
-        if fit_grid(weight.const_value.numpy().T) is None:
+        weight = _matmul_weight(node)
+        if weight is None or fit_grid(weight.const_value.numpy().T) is None:
             continue
         (k, n), x, name = weight.const_value.shape, node.inputs[0], weight.name
         if x not in block_sums:
@@ -266,14 +281,7 @@ def as_int4_source(model, accuracy_level: int = 4) -> int:
         offset = ir.node("MatMul", [block_sums[x], offsets], name=f"{node.name}_offsets")
         total = ir.node("Add", [product.outputs[0], offset.outputs[0]], name=f"{node.name}_add_offsets")
         offset_products.add(offset.name)
-        graph.insert_after(node, [product, offset, total])
-        out, out_name = node.outputs[0], node.outputs[0].name
-        ir.convenience.replace_all_uses_with(out, total.outputs[0], replace_graph_outputs=True)
-        graph.remove(node, safe=True)
-        graph.initializers.pop(name)
-        total.outputs[0].name = out_name
-        for value in (packed, scales, offsets):
-            graph.register_initializer(value)
+        _replace_matmul(graph, node, weight, [product, offset, total], total.outputs[0], (packed, scales, offsets))
     if offset_products:
         as_matmul_nbits(model, bits=8, accuracy_level=accuracy_level, exclude=frozenset(offset_products))
     return len(offset_products)
