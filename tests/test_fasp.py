@@ -10,6 +10,7 @@ from prunekit.errors import UserInputError
 from prunekit.models import LoadedModel, load_model
 from prunekit.pruning.engine import InputStats
 from prunekit.pruning.fasp import FaspPruner, Refit, column_scores, kept_width
+from prunekit.pruning import restoration
 from prunekit.pruning.restoration import restore_columns
 from prunekit.pruning.run import prune
 from prunekit.pruning.structure import set_value_head_dim, shrink_linear
@@ -63,6 +64,24 @@ def test_restoration_refits_and_never_loses_on_held_out():
     few = X[:9]
     new, info = restore_columns(W, keep, few.T @ few, Xh, (1e-6,))
     assert err(new) <= err(W[:, keep]) + 1e-3
+
+
+@pytest.mark.parametrize("panel", [3, 4, 64])
+def test_refit_is_the_pooled_ridge_solve_panel_by_panel(monkeypatch, panel):
+    # W G[:,S] and the held-out fold are built a panel of kept columns at a time, the fold on G[S,S]'s
+    # lower triangle only (what the final Cholesky reads): the refit is the pooled ridge solve,
+    # with panels that divide the kept width, that do not, and one wider than it.
+    monkeypatch.setattr(restoration, "KEEP_PANEL", panel)
+    torch.manual_seed(2)
+    mix = torch.randn(20, 20)
+    X, Xh = torch.randn(300, 20) @ mix, torch.randn(200, 20) @ mix
+    W, keep = torch.randn(5, 20), torch.tensor([0, 2, 3, 5, 7, 8, 11, 12, 13, 16, 17, 19])
+    new, info = restore_columns(W, keep, X.T @ X, Xh, (1e-2,))
+    pooled = (X.T @ X + Xh.T @ Xh).double()
+    ridge = 1e-2 * torch.diag(pooled[keep][:, keep]).mean()
+    expected = torch.linalg.solve(pooled[keep][:, keep] + ridge * torch.eye(len(keep), dtype=torch.float64),
+                                  (W.double() @ pooled[:, keep] + ridge * W.double()[:, keep]).T).T
+    assert info["lambda"] == 1e-2 and torch.allclose(new.double(), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_lambda_search_walks_downhill_from_the_previous_choice():
