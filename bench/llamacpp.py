@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from prunekit.evaluation import eval_windows, measure_qualities
-from prunekit.exporters.latency import _one_round, peak_rss_gb
+from prunekit.exporters.latency import timed_round, peak_rss_gb
 from prunekit.activation_scaling import prepare_int4
 from prunekit.calibration import calibration_ids
 from prunekit.exporters.onnx import (OnnxDecoder, export_onnx, onnx_bytes, onnx_logits, quantize_int4,
@@ -114,7 +114,7 @@ def main():
         for round_index in range(args.rounds + 1):  # round 0 warms up
             print(f"timing round {round_index}/{args.rounds}", file=sys.stderr, flush=True)
             for name, runner in runners.items():
-                first, steps = _one_round(runner, prompt, 32)
+                first, steps = timed_round(runner, prompt, 32)
                 if round_index:
                     prefill[name].append(first)
                     decode[name].append(statistics.median(steps))

@@ -1,12 +1,17 @@
 """Measured latency of ONNX decoders on this machine's ONNX Runtime, in a process of their own:
 
-    python -m prunekit.exporters.latency a/model.onnx b/model.onnx --rounds 4
+    python -m prunekit.exporters.latency a/model.onnx b/model.onnx --rounds 12
 
 Every artifact's session is opened first, then the rounds go round-robin over them (prefill of a
-random prompt, then greedy decode steps through the KV cache), and each figure is the median over
-rounds. Side by side in one process, a slow spell of the machine touches every variant alike, so
-the ratios between variants hold from run to run; the parent (with torch and its thread pools)
-waits idle meanwhile. The first round only warms up. No torch is imported here.
+random prompt, then greedy decode steps through the KV cache); the parent (with torch and its
+thread pools) waits idle meanwhile. The first round only warms up. No torch is imported here.
+
+Each figure is the fastest of the rounds (a round's decode figure is the median of its steps); the
+median over rounds is kept beside it. On a shared host the speed drifts over tens of seconds, and a
+slow spell only ever adds time: the fastest of 12 rounds is what the machine gives the artifact
+undisturbed, and two measurements of it, minutes apart, disagree by more than 10% far less often
+than medians of 4 rounds did (bench/latency_noise.py, docs/results.md: on the 2-core EPYC, 2% of
+window pairs for INT8 against 20%, 20% for fp32 against 37%).
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ from pathlib import Path
 import numpy as np
 
 
-def _one_round(runner, prompt: np.ndarray, decode_tokens: int) -> tuple[float, list[float]]:
+def timed_round(runner, prompt: np.ndarray, decode_tokens: int) -> tuple[float, list[float]]:
+    """One round on one session: seconds of the prompt's prefill, then of each greedy decode step."""
     start = time.perf_counter()
     logits, past = runner.step(prompt, runner.empty_cache())
     prefill = time.perf_counter() - start
@@ -37,7 +43,11 @@ def _one_round(runner, prompt: np.ndarray, decode_tokens: int) -> tuple[float, l
     return prefill, steps
 
 
-def measure_many(paths: list[Path], prompt_tokens: int = 128, decode_tokens: int = 32, rounds: int = 4,
+ESTIMATE = "fastest round (each round: the median of its decode steps)"
+ROUNDS = 12  # after the warm-up: ~45 s for a deploy's four candidates of the 135M on 2 cores
+
+
+def measure_many(paths: list[Path], prompt_tokens: int = 128, decode_tokens: int = 32, rounds: int = ROUNDS,
                  threads: int | None = None, seed: int = 0) -> list[dict]:
     from prunekit.exporters.ort_session import OnnxDecoder
     from prunekit.threads import usable_cores
@@ -54,18 +64,20 @@ def measure_many(paths: list[Path], prompt_tokens: int = 128, decode_tokens: int
     decode = [[] for _ in paths]
     for round_index in range(rounds + 1):  # round 0 warms every session up and is not counted
         for i, runner in enumerate(runners):
-            first, steps = _one_round(runner, prompt, decode_tokens)
+            first, steps = timed_round(runner, prompt, decode_tokens)
             if round_index:
                 prefill[i].append(first)
                 decode[i].append(statistics.median(steps))
     out = []
     for i, path in enumerate(paths):
-        decode_ms = 1000 * statistics.median(decode[i])
-        out.append({"prefill_ms": 1000 * statistics.median(prefill[i]), "decode_ms": decode_ms,
+        decode_ms = 1000 * min(decode[i])
+        out.append({"prefill_ms": 1000 * min(prefill[i]), "decode_ms": decode_ms,
+                    "prefill_median_ms": 1000 * statistics.median(prefill[i]),
+                    "decode_median_ms": 1000 * statistics.median(decode[i]),
                     "decode_spread": (max(decode[i]) - min(decode[i])) / min(decode[i]),
                     "tokens_per_s": 1000 / decode_ms, "prompt_tokens": prompt_tokens,
-                    "decode_tokens": decode_tokens, "rounds": rounds, "threads": threads,
-                    "session_rss_gb": round(rss[i], 3)})
+                    "decode_tokens": decode_tokens, "rounds": rounds, "estimate": ESTIMATE,
+                    "threads": threads, "session_rss_gb": round(rss[i], 3)})
     peak = peak_rss_gb()
     for row in out:
         row["process_peak_rss_gb"] = peak
@@ -111,7 +123,7 @@ def main():
     parser.add_argument("models", type=Path, nargs="+")
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--decode-tokens", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=ROUNDS)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     print(json.dumps(measure_many(args.models, args.prompt_tokens, args.decode_tokens, args.rounds,
