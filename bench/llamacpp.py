@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from prunekit.evaluation import eval_windows, measure_qualities
-from prunekit.exporters.latency import timed_round, peak_rss_gb
+from prunekit.exporters.latency import peak_rss_gb, timed_round
 from prunekit.activation_scaling import prepare_int4
 from prunekit.calibration import calibration_ids
 from prunekit.exporters.onnx import (OnnxDecoder, export_onnx, onnx_bytes, onnx_logits, quantize_int4,

@@ -44,7 +44,7 @@ def timed_round(runner, prompt: np.ndarray, decode_tokens: int) -> tuple[float, 
 
 
 ESTIMATE = "fastest round (each round: the median of its decode steps)"
-ROUNDS = 12  # after the warm-up: ~45 s for a deploy's four candidates of the 135M on 2 cores
+ROUNDS = 12  # after the warm-up: 32-34 s for the main job's four candidates of the 135M on 2 cores
 
 
 def measure_many(paths: list[Path], prompt_tokens: int = 128, decode_tokens: int = 32, rounds: int = ROUNDS,

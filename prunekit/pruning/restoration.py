@@ -105,9 +105,9 @@ class KeptSystem:
     def add_held_out(self) -> None:
         """Fold the held-out tokens into G[S,S] and W G[:,S], in place and panel by panel (the
         whole of X_h,Sᵀ X_h,S is another 315 MB at a 9k-wide MLP): for the final refit, on every token.
-        Only G[S,S]'s lower triangle takes them (half the work): its one reader after this is the
-        final refit's Cholesky factorization, which reads nothing else; the upper triangle is left
-        stale, and the search, which reads it whole, is over by then."""
+        Only the panels of G[S,S] on and below the diagonal take them: their one reader after this
+        is the final refit's Cholesky factorization, which reads the lower triangle alone; the rest
+        is left stale, and the search, which reads it whole, is over by then."""
         X = self.held_inputs
         self.G_SS = self.G_SS.to(torch.float64)
         for part in range(0, X.shape[1], KEEP_PANEL):
