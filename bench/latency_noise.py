@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from prunekit.exporters.latency import peak_rss_gb, timed_round
+from prunekit.exporters.latency import peak_rss_gb, round_robin
 from prunekit.exporters.ort_session import OnnxDecoder
 from prunekit.threads import usable_cores
 
@@ -33,17 +33,11 @@ ESTIMATES = {"median": statistics.median, "lower quartile": lambda v: float(np.q
              "minimum": min, "mean": statistics.mean}
 
 
-def series(paths: list[Path], rounds: int, prompt_tokens: int = 128, decode_tokens: int = 32) -> list[list[float]]:
-    """Per round, per artifact: the median decode step in ms (one warm-up round first, not kept)."""
-    runners = [OnnxDecoder(path, threads=usable_cores()) for path in paths]
-    vocab = runners[0].session.get_outputs()[0].shape[-1]
-    prompt = np.random.default_rng(0).integers(3, vocab, size=(1, prompt_tokens))
-    rows = []
-    for index in range(rounds + 1):
-        row = [1000 * statistics.median(timed_round(runner, prompt, decode_tokens)[1]) for runner in runners]
-        if index:
-            rows.append(row)
-    return rows
+def series(paths: list[Path], rounds: int) -> list[list[float]]:
+    """Per round, per artifact: the median decode step in ms, timed as a deploy times its candidates
+    (prunekit.exporters.latency.round_robin: one warm-up round first, not kept)."""
+    _, decode = round_robin([OnnxDecoder(path, threads=usable_cores()) for path in paths], rounds)
+    return [[1000 * per_artifact[r] for per_artifact in decode] for r in range(rounds)]
 
 
 def spreads(rows: list[list[float]], window: int) -> list[dict]:

@@ -43,6 +43,24 @@ def timed_round(runner, prompt: np.ndarray, decode_tokens: int) -> tuple[float, 
     return prefill, steps
 
 
+def round_robin(runners: list, rounds: int, prompt_tokens: int = 128, decode_tokens: int = 32,
+                seed: int = 0) -> tuple[list[list[float]], list[list[float]]]:
+    """Each runner in turn, round after round, on one random prompt; round 0 warms every session up
+    and is not kept. Per runner, per kept round: the prefill's seconds, and the median decode step's."""
+    vocab = runners[0].session.get_outputs()[0].shape[-1]
+    prompt = np.random.default_rng(seed).integers(3, vocab, size=(1, prompt_tokens))
+    prefill, decode = [[] for _ in runners], [[] for _ in runners]
+    for round_index in range(rounds + 1):
+        for i, runner in enumerate(runners):
+            first, steps = timed_round(runner, prompt, decode_tokens)
+            if round_index:
+                prefill[i].append(first)
+                decode[i].append(statistics.median(steps))
+    return prefill, decode
+
+
+# The keys of a measured row that say how it was measured (the report's latency settings).
+SETTINGS = ("threads", "prompt_tokens", "decode_tokens", "rounds", "estimate")
 ESTIMATE = "fastest round (each round: the median of its decode steps)"
 ROUNDS = 12  # after the warm-up: 32-34 s for the main job's four candidates of the 135M on 2 cores
 
@@ -58,16 +76,7 @@ def measure_many(paths: list[Path], prompt_tokens: int = 128, decode_tokens: int
         before = current_rss_gb()
         runners.append(OnnxDecoder(path, threads=threads))
         rss.append(current_rss_gb() - before)
-    vocab = runners[0].session.get_outputs()[0].shape[-1]
-    prompt = np.random.default_rng(seed).integers(3, vocab, size=(1, prompt_tokens))
-    prefill = [[] for _ in paths]
-    decode = [[] for _ in paths]
-    for round_index in range(rounds + 1):  # round 0 warms every session up and is not counted
-        for i, runner in enumerate(runners):
-            first, steps = timed_round(runner, prompt, decode_tokens)
-            if round_index:
-                prefill[i].append(first)
-                decode[i].append(statistics.median(steps))
+    prefill, decode = round_robin(runners, rounds, prompt_tokens, decode_tokens, seed)
     out = []
     for i, path in enumerate(paths):
         decode_ms = 1000 * min(decode[i])

@@ -25,7 +25,7 @@ from prunekit.activation_scaling import prepare_int4, prepare_int4_pair
 from prunekit.arch import architecture_for
 from prunekit.evaluation import measure_qualities
 from prunekit.errors import UserInputError
-from prunekit.exporters.latency import measure_in_subprocess
+from prunekit.exporters.latency import SETTINGS as LATENCY_SETTINGS, measure_in_subprocess
 from prunekit.exporters.onnx import (OnnxDecoder, export_verified, onnx_bytes, onnx_logits, quantize_int4,
                                      quantize_int4_source, quantize_int8, require_verified)
 from prunekit.progress import say
@@ -236,7 +236,7 @@ class OnnxCandidates:
                                   "verified_export": self.checks[export]["passed"], "int4_quantizer": quantizer}
         del runner
         latency = {"basis": "measured", "runtime": _runtime(), "shipped": chosen.name,
-                   **{k: chosen.extra["latency"][k] for k in ("threads", "prompt_tokens", "decode_tokens", "rounds", "estimate")}}
+                   **{k: chosen.extra["latency"][k] for k in LATENCY_SETTINGS}}
         return ExportOutcome("written", None, [], latency, self.checks, dict(self.timings),
                              shipped_onnx=target / "model.onnx", shipped_runtime=_runtime())
 
@@ -310,6 +310,6 @@ def build_streamed(loaded, amount: float, precision: str, stage: Path, quiet: bo
     checks["shipped"] = {"kv_cache_io": checks[f"export {amount:g}"]["kv_cache_io"],
                          "verified_export": checks[f"export {amount:g}"]["passed"], "int4_quantizer": None}
     latency = {"basis": "measured", "runtime": _runtime(), "shipped": candidate.name,
-               **{k: row[k] for k in ("threads", "prompt_tokens", "decode_tokens", "rounds", "estimate")}}
+               **{k: row[k] for k in LATENCY_SETTINGS}}
     return ExportOutcome("written", None, [candidate.as_dict()], latency, checks, dict(timings),
                          shipped_onnx=target / "model.onnx", shipped_runtime=_runtime())
