@@ -168,6 +168,11 @@ def _deploy_arguments(p):
     p.add_argument("--max-latency-ms", type=_non_negative, metavar="MS",
                    help="budget: decode latency per token on the target at most MS")
     p.add_argument("--max-size-mb", type=_non_negative, metavar="MB", help="budget: artifact at most MB")
+    p.add_argument("--max-memory", metavar="SIZE", type=_size,
+                   help="memory budget, e.g. 9GB (default: the machine's memory); a model whose in-memory deploy "
+                        "would not fit is deployed streamed, one decoder block in memory (cpu-onnx, --calib FILE)")
+    p.add_argument("--stream", action="store_true",
+                   help="deploy streamed even when the model fits in memory (cpu-onnx; needs --calib FILE)")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
 
 
@@ -189,7 +194,8 @@ def _run_deploy(args) -> int:
                     evals=args.eval, eval_seqlen=args.eval_seqlen, eval_windows=args.eval_windows or None,
                     max_ppl_increase=args.max_ppl_increase, max_kl=args.max_kl,
                     max_latency_ms=args.max_latency_ms, max_size_mb=args.max_size_mb,
-                    granularity=args.granularity, int8_flavour=args.int8_flavour, quiet=args.quiet)
+                    granularity=args.granularity, int8_flavour=args.int8_flavour, quiet=args.quiet,
+                    max_memory=args.max_memory, stream=args.stream)
     if args.json:
         print(json.dumps(result.report, indent=2, allow_nan=False))
     elif not args.quiet:

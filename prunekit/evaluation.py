@@ -97,25 +97,29 @@ def torch_logits(model) -> Logits:
 
 class StoredLogits:
     """A window -> logits function that computes each window's logits once and keeps them in
-    ``folder`` (a file per window, named by the window's tokens): the dense model's logits on the
-    selection tokens serve the screen of every pruned amount and every judging pass of a search
-    (each pass was a dense forward over them; 50 MB a 256-token window of a 49k vocabulary, on
-    disk rather than in memory)."""
+    ``folder`` (a file per window, named by the window's tokens: prunekit.exporters.onnx_judge
+    .window_key): the dense model's logits on the selection tokens serve the screen of every pruned
+    amount and every judging pass of a search (each pass was a dense forward over them; 50 MB a
+    256-token window of a 49k vocabulary, on disk rather than in memory). With ``model_or_fn``
+    None it only reads what another process wrote there (a LookupError for a window it lacks)."""
 
     def __init__(self, model_or_fn, folder):
         from pathlib import Path
 
-        self.logits, self.folder = _as_logits(model_or_fn), Path(folder)
+        self.logits = None if model_or_fn is None else _as_logits(model_or_fn)
+        self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
 
     def __call__(self, window: torch.Tensor) -> torch.Tensor:
-        import hashlib
-
         import numpy as np
 
-        path = self.folder / f"{hashlib.sha256(window.numpy().tobytes()).hexdigest()[:32]}.npy"
+        from prunekit.exporters.onnx_judge import window_key
+
+        path = self.folder / f"{window_key(window.numpy())}.npy"
         if path.is_file():
             return torch.from_numpy(np.load(path))
+        if self.logits is None:
+            raise LookupError(f"no stored logits for a window in {self.folder} (a prunekit bug, please report)")
         logits = self.logits(window)
         np.save(path, logits.float().numpy())
         return logits

@@ -10,6 +10,7 @@ deploy: profile -> plan -> load -> calibrate + prune -> save -> export (verify, 
 from __future__ import annotations
 
 import contextlib
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -110,25 +111,44 @@ def _load(model: str | None, quiet: bool):
     return load_model(model)
 
 
+@dataclass
+class Searched:
+    """What deploy's search left for the report, resident or streamed: the candidates, the choice,
+    the shipped export and its quality."""
+
+    source: str
+    config: object
+    parameters: dict
+    fit_ids: object
+    selection_ids: object
+    explored: object
+    builder: object
+    selection: object
+    result: object  # the chosen amount's PruneResult (None: the dense model ships)
+    export: object
+    quality: list
+    quality_pruned_torch: list
+    memory: dict
+
+
 def deploy(target: str, model: str | None = None, out: str | Path | None = None, force: bool = False,
            method: str | None = None, sparsity: float | None = None, pattern: str | Pattern | None = None,
            precision: str | None = None, calib: str | None = None, calib_samples: int | None = None,
            calib_seqlen: int | None = None, seed: int = 0, evals: list[str] | None = None,
            eval_seqlen: int = 512, eval_windows: int | None = 16, max_ppl_increase: float | None = None,
            max_kl: float | None = None, max_latency_ms: float | None = None, max_size_mb: float | None = None,
-           granularity: str = "channels", int8_flavour: str = "weight-only", quiet: bool = False) -> DeployResult:
+           granularity: str = "channels", int8_flavour: str = "weight-only", quiet: bool = False,
+           max_memory: int | None = None, stream: bool = False) -> DeployResult:
     """Run the whole job; raises QualityGateFailed (exit 3) after writing everything if the shipped
-    artifact misses the budget (nothing within it: the closest candidate ships)."""
+    artifact misses the budget (nothing within it: the closest candidate ships). A model whose
+    in-memory deploy would not fit ``max_memory`` bytes (default: the machine's memory) is deployed
+    streamed, one decoder block in memory (prunekit.deploy_memory), as with ``stream``."""
     quiet_libraries(quiet)
     import tempfile
 
-    from prunekit.calibration import calibration_ids
-    from prunekit.checkpoint import save_checkpoint
-    from prunekit.evaluation import StoredLogits
+    from prunekit.deploy_memory import deploy_memory
     from prunekit.exporters.latency import peak_rss_gb
     from prunekit.report import SCHEMA, artifact_list, hardware, versions, write_report
-    from prunekit.search import Selection, explore, select, selection_count, selection_split
-    from prunekit.targets import ExportContext, candidate_builder
     from prunekit.threads import use_usable_cores
 
     profile = load_profile(target)
@@ -145,87 +165,25 @@ def deploy(target: str, model: str | None = None, out: str | Path | None = None,
                              f">= 4 (got {calibration.samples})")
     evaluation = Evaluation.parse(evals, eval_seqlen, eval_windows)
     check_output(out, force, keep=tuple(p for p in [model] if p and Path(p).exists()))
+    memory = deploy_memory(model, profile, plan.method, calibration, max_memory, stream)  # refuses before any work
     use_usable_cores()
 
     timings, began = {}, time.perf_counter()
     with staged_output(out, force) as stage, tempfile.TemporaryDirectory(prefix="prunekit-candidates-") as scratch:
-        start = time.perf_counter()
-        loaded = _load(model, quiet)
-        dense = loaded.model  # never modified: each amount prunes a copy
-        timings["load"] = time.perf_counter() - start
-
-        _announce_self_calibration(calibration, quiet)
-        start = time.perf_counter()
-        calib_ids = calibration_ids(calibration.source, loaded.tokenizer, calibration.samples, calibration.seqlen,
-                                    calibration.seed, model=dense, progress=not quiet,
-                                    held_out=selection_count(calibration.samples))
-        fit_ids, selection_ids = selection_split(calib_ids)
-        timings["calibrate"] = time.perf_counter() - start
-
-        windows = evaluation.token_windows(loaded.tokenizer)
-        probe = windows[0][0][:32]
-        builder = candidate_builder(profile, Path(scratch), probe, quiet, int8_flavour, list(fit_ids))
-        reference = dense_precision(profile)
-        if plan.search is not None:
-            grid = [(a, plan.search.precisions) for a in plan.search.amounts]
-            say(f"searching {plan.search.size} candidates ({plan.method} amounts x precisions) for the "
-                f"{'fastest' if plan.search.objective == 'latency' else 'smallest'} within budget", quiet)
-        else:  # the fixed plan, beside the dense float model for comparison
-            grid = [(0.0, (reference,)), (plan.sparsity, (plan.precision,))] if plan.sparsity > 0 else \
-                [(0.0, tuple(dict.fromkeys((reference, plan.precision))))]
-            say(f"plan: {plan.method} {plan.pattern} sparsity {plan.sparsity:g}, {plan.precision}", quiet)
-        explored = explore(loaded, dense, plan, grid, fit_ids, selection_ids, builder, calibration.source,
-                           screen=plan.search is not None, progress=not quiet,
-                           reference=StoredLogits(dense, Path(scratch) / "dense-logits"))
-        builder.measure(explored.candidates)
-        timings.update({f"search_{k}": v for k, v in explored.seconds.items()})
-        if plan.search is not None:
-            selection = select(explored.candidates, budget, plan.search.objective)
-        else:
-            fixed = next(c for c in explored.candidates if (c.amount, c.precision) == (plan.sparsity, plan.precision))
-            fixed.judge(budget)
-            selection = Selection(fixed, None, not fixed.misses, "the fixed plan (--sparsity and --precision given)")
-        chosen = selection.chosen
-        plan.sparsity, plan.precision = chosen.amount, chosen.precision
-        plan.reasons.append(f"chosen: {selection.reason}")
-        say(f"chose {chosen.name}: {selection.reason}", quiet)
-        result = explored.pruned.get(chosen.amount)
-        shipped_model = result.model if result is not None else dense
-
-        start = time.perf_counter()
-        manifest = result.manifest(loaded.source) if result is not None else {
-            "prunekit_manifest": 1, "source_model": loaded.source, "method": "none", "pattern": "unstructured",
-            "sparsity": 0.0}
-        save_checkpoint(shipped_model, loaded.tokenizer, stage / "model", manifest)
-        timings["save"] = time.perf_counter() - start
-
-        first = evaluation.texts[0]
-        context = ExportContext(profile=profile, plan=plan, model=shipped_model, stage=stage, probe_tokens=probe,
-                                calib_tokens=fit_ids, eval_windows=windows[0], dense=dense,
-                                int8_flavour=int8_flavour, quiet=quiet,
-                                dense_blocks=tuple(result.details.get("dense_blocks", ())) if result else (),
-                                eval_label=f"{first.language} ({first.source}), {len(windows[0])} x "
-                                           f"{evaluation.seqlen} tokens")
-        start = time.perf_counter()
-        export = builder.ship(chosen, stage, context)
-        timings["ship"] = time.perf_counter() - start
-        if export.status != "written":
-            print(f"note: {export.reason}", file=sys.stderr)
-        timings.update({f"export_{k}": v for k, v in export.timings.items()})
-
-        start = time.perf_counter()
-        shipped, pruned_torch = _quality(shipped_model, dense, export, evaluation, windows, quiet, plan.precision)
-        timings["evaluate"] = time.perf_counter() - start
-
-        gate = quality_gate(shipped, plan.budget, chosen)
+        search = _search_streamed if memory.streamed else _search_resident
+        if memory.streamed:
+            say(memory.reason, quiet)
+        found = search(model, profile, plan, calibration, evaluation, Path(scratch), stage, int8_flavour,
+                       memory, timings, quiet)
+        chosen = found.selection.chosen
+        gate = quality_gate(found.quality, plan.budget, chosen)
+        result, explored, selection_ids = found.result, found.explored, found.selection_ids
         report = {
-            "schema": SCHEMA, "target": profile.name, "model": loaded.source,
-            "architecture": architecture_for(dense.config).family, "plan": plan.as_dict(),
+            "schema": SCHEMA, "target": profile.name, "model": found.source,
+            "architecture": architecture_for(found.config).family, "plan": plan.as_dict(),
             "method": plan.method if chosen.amount > 0 else "none", "pattern": str(plan.pattern),
-            "sparsity": plan.sparsity, "precision": plan.precision,
-            "parameters": {"before": sum(p.numel() for p in dense.parameters()),
-                           "after": sum(p.numel() for p in shipped_model.parameters())},
-            "calibration": {"source": calibration.source, "samples": int(fit_ids.shape[0]),
+            "sparsity": plan.sparsity, "precision": plan.precision, "parameters": found.parameters,
+            "calibration": {"source": calibration.source, "samples": int(found.fit_ids.shape[0]),
                             "seqlen": calibration.seqlen, "selection_samples": int(selection_ids.shape[0])},
             "seed": seed, "mask_hash": result.mask_hash if result is not None else None,
             "pruning": ({"check": result.check, **{k: v for k, v in result.details.items() if k != "structure"}}
@@ -237,18 +195,20 @@ def deploy(target: str, model: str | None = None, out: str | Path | None = None,
                                          "from the end of the calibration text, apart from the fitted ones")
                                       + "; never the evaluation text), each candidate judged by the 95% "
                                         "upper confidence bound of its perplexity increase over them",
-                       "selection": selection.as_dict(), "screen": explored.screen,
-                       "int4_quantizers": builder.int4_comparison,
+                       "selection": found.selection.as_dict(), "screen": explored.screen,
+                       "int4_quantizers": found.builder.int4_comparison,
                        "candidates": [c.as_dict() for c in explored.candidates]},
-            "quality": [q.as_dict() for q in shipped],
-            "quality_pruned_torch": [q.as_dict() for q in pruned_torch],
-            "latency": export.latency, "variants": export.variants,
-            "export": {"status": export.status, "reason": export.reason, "checks": export.checks},
+            "quality": [q.as_dict() for q in found.quality],
+            "quality_pruned_torch": [q.as_dict() for q in found.quality_pruned_torch],
+            "latency": found.export.latency, "variants": found.export.variants,
+            "export": {"status": found.export.status, "reason": found.export.reason, "checks": found.export.checks},
             "gate": gate, "hardware": hardware(), "timings": {k: round(v, 2) for k, v in timings.items()},
             "resources": {"wall_seconds": round(time.perf_counter() - began, 1),
-                          "peak_rss_gb": round(peak_rss_gb(), 3),
+                          "peak_rss_gb": round(peak_rss_gb(), 3), "memory": found.memory,
                           "note": "peak RSS (VmHWM) of the deploy process; the latency process reports "
-                                  "its own with each candidate"},
+                                  "its own with each candidate"
+                                  + ("; in a streamed deploy, each ONNX Runtime judging process its own "
+                                     "(export.checks)" if memory.streamed else "")},
             "versions": versions(), "artifacts": [],
         }
         report["artifacts"] = artifact_list(stage)
@@ -259,6 +219,200 @@ def deploy(target: str, model: str | None = None, out: str | Path | None = None,
         raise QualityGateFailed(f"budget missed: {gate['reason']} (the closest candidate, {chosen.name}, "
                                 f"and its report are written to {out})")
     return deployed
+
+
+def _grid(plan: Plan, profile, quiet: bool) -> list:
+    """The (amount, precisions) deploy builds: the search's, or the fixed plan beside the dense float model."""
+    reference = dense_precision(profile)
+    if plan.search is not None:
+        say(f"searching {plan.search.size} candidates ({plan.method} amounts x precisions) for the "
+            f"{'fastest' if plan.search.objective == 'latency' else 'smallest'} within budget", quiet)
+        return [(a, plan.search.precisions) for a in plan.search.amounts]
+    say(f"plan: {plan.method} {plan.pattern} sparsity {plan.sparsity:g}, {plan.precision}", quiet)
+    return [(0.0, (reference,)), (plan.sparsity, (plan.precision,))] if plan.sparsity > 0 else \
+        [(0.0, tuple(dict.fromkeys((reference, plan.precision))))]
+
+
+def _choose(plan: Plan, candidates: list, quiet: bool):
+    """The budgeted choice among ``candidates``, or the fixed plan's candidate; the plan records it."""
+    from prunekit.search import Selection, select
+
+    if plan.search is not None:
+        selection = select(candidates, plan.budget, plan.search.objective)
+    else:
+        fixed = next(c for c in candidates if (c.amount, c.precision) == (plan.sparsity, plan.precision))
+        fixed.judge(plan.budget)
+        selection = Selection(fixed, None, not fixed.misses, "the fixed plan (--sparsity and --precision given)")
+    plan.sparsity, plan.precision = selection.chosen.amount, selection.chosen.precision
+    plan.reasons.append(f"chosen: {selection.reason}")
+    say(f"chose {selection.chosen.name}: {selection.reason}", quiet)
+    return selection
+
+
+def _calibrate(calibration: Calibration, tokenizer, model, quiet: bool, timings: dict):
+    from prunekit.calibration import calibration_ids
+    from prunekit.search import selection_count, selection_split
+
+    _announce_self_calibration(calibration, quiet)
+    start = time.perf_counter()
+    calib_ids = calibration_ids(calibration.source, tokenizer, calibration.samples, calibration.seqlen,
+                                calibration.seed, model=model, progress=not quiet,
+                                held_out=selection_count(calibration.samples))
+    timings["calibrate"] = time.perf_counter() - start
+    return selection_split(calib_ids)
+
+
+def _search_resident(model, profile, plan, calibration, evaluation, scratch: Path, stage: Path, int8_flavour: str,
+                     memory, timings: dict, quiet: bool) -> Searched:
+    """The whole model in memory: each amount prunes a copy of the dense model."""
+    from prunekit.checkpoint import save_checkpoint
+    from prunekit.evaluation import StoredLogits
+    from prunekit.search import explore
+    from prunekit.targets import ExportContext, candidate_builder
+
+    start = time.perf_counter()
+    loaded = _load(model, quiet)
+    dense = loaded.model  # never modified: each amount prunes a copy
+    timings["load"] = time.perf_counter() - start
+    fit_ids, selection_ids = _calibrate(calibration, loaded.tokenizer, dense, quiet, timings)
+
+    windows = evaluation.token_windows(loaded.tokenizer)
+    probe = windows[0][0][:32]
+    builder = candidate_builder(profile, scratch, probe, quiet, int8_flavour, list(fit_ids))
+    explored = explore(loaded, dense, plan, _grid(plan, profile, quiet), fit_ids, selection_ids, builder,
+                       calibration.source, screen=plan.search is not None, progress=not quiet,
+                       reference=StoredLogits(dense, scratch / "dense-logits"))
+    builder.measure(explored.candidates)
+    timings.update({f"search_{k}": v for k, v in explored.seconds.items()})
+    selection = _choose(plan, explored.candidates, quiet)
+    chosen = selection.chosen
+    result = explored.pruned.get(chosen.amount)
+    shipped_model = result.model if result is not None else dense
+
+    start = time.perf_counter()
+    manifest = result.manifest(loaded.source) if result is not None else _dense_manifest(loaded.source)
+    save_checkpoint(shipped_model, loaded.tokenizer, stage / "model", manifest)
+    timings["save"] = time.perf_counter() - start
+
+    first = evaluation.texts[0]
+    context = ExportContext(profile=profile, plan=plan, model=shipped_model, stage=stage, probe_tokens=probe,
+                            calib_tokens=fit_ids, eval_windows=windows[0], dense=dense,
+                            int8_flavour=int8_flavour, quiet=quiet,
+                            dense_blocks=tuple(result.details.get("dense_blocks", ())) if result else (),
+                            eval_label=f"{first.language} ({first.source}), {len(windows[0])} x "
+                                       f"{evaluation.seqlen} tokens")
+    export = _ship(builder, chosen, stage, context, timings)
+    start = time.perf_counter()
+    shipped, pruned_torch = _quality(shipped_model, dense, export, evaluation, windows, quiet, plan.precision)
+    timings["evaluate"] = time.perf_counter() - start
+    return Searched(loaded.source, dense.config, _parameters(dense, shipped_model), fit_ids, selection_ids,
+                    explored, builder, selection, result, export, shipped, pruned_torch, memory.as_dict())
+
+
+def _search_streamed(model, profile, plan, calibration, evaluation, scratch: Path, stage: Path, int8_flavour: str,
+                     memory, timings: dict, quiet: bool) -> Searched:
+    """One decoder block in memory (prunekit.search_streamed): the dense logits of the selection
+    tokens, the probe and every evaluation text come from one pass over the model's blocks; each
+    amount is pruned into a folder, its artifacts written from there and judged in ONNX Runtime
+    processes of their own (prunekit.targets.cpu_onnx_streamed)."""
+    from prunekit.evaluation import StoredLogits
+    from prunekit.models import open_streamed
+    from prunekit.pruning.blocks import StreamedLogits
+    from prunekit.search_streamed import explore_streamed
+    from prunekit.targets.cpu_onnx_streamed import StreamedOnnxCandidates
+
+    start = time.perf_counter()
+    say(f"opening {model or 'the embedded default model'} (streamed: one decoder block in memory at a time)", quiet)
+    loaded = open_streamed(model)
+    timings["load"] = time.perf_counter() - start
+    fit_ids, selection_ids = _calibrate(calibration, loaded.tokenizer, None, quiet, timings)
+    windows = evaluation.token_windows(loaded.tokenizer)
+    probe = windows[0][0][:32]
+
+    start = time.perf_counter()
+    say("computing the dense model's logits on the selection tokens, the probe and the evaluation texts, one "
+        "decoder block at a time", quiet)
+    dense = StreamedLogits(loaded.model, loaded.weights, [selection_ids, probe[None], *windows])
+    reference = StoredLogits(dense, scratch / "dense-logits")
+    timings["reference"] = time.perf_counter() - start
+
+    builder = StreamedOnnxCandidates(scratch, probe, quiet)
+    explored = explore_streamed(model, loaded, plan, _grid(plan, profile, quiet), fit_ids, selection_ids, builder,
+                                calibration.source, scratch, probe, dense.logits_of(probe[None])[0], reference,
+                                memory.calibration_batch, screen=plan.search is not None, progress=not quiet)
+    builder.measure(explored.candidates)
+    timings.update({f"search_{k}": v for k, v in explored.seconds.items()})
+    selection = _choose(plan, explored.candidates, quiet)
+    chosen = selection.chosen
+    pruned = explored.pruned.get(chosen.amount)
+
+    start = time.perf_counter()
+    if pruned is None:
+        _copy_streamed(loaded, stage / "model")
+        shipped_model = loaded.model
+    else:
+        shutil.copytree(pruned.folder, stage / "model")
+        shipped_model = pruned.open().model
+    timings["save"] = time.perf_counter() - start
+    export = _ship(builder, chosen, stage, None, timings)
+
+    start = time.perf_counter()
+    say("evaluating quality against the dense model (the shipped artifact in ONNX Runtime, a process of its "
+        "own, and the pruned model in torch, one block at a time)", quiet)
+    from prunekit.exporters.onnx_judge import judge_in_subprocess
+
+    candidates, runtimes = {}, {"shipped": export.shipped_runtime}
+    if pruned is not None:
+        opened = pruned.open()
+        candidates["torch"] = StreamedLogits(opened.model, opened.weights, windows)
+    shipped, pruned_torch = [], []
+    for text, text_windows_ in zip(evaluation.texts, windows):
+        logits = scratch / "shipped-logits"
+        judge_in_subprocess(export.shipped_onnx, text_windows_.numpy(), logits)
+        measured = measure_qualities({**candidates, "shipped": StoredLogits(None, logits)}, text_windows_, dense,
+                                     text.language, text.source, progress=not quiet, runtimes=runtimes)
+        shutil.rmtree(logits)
+        shipped.append(measured["shipped"])
+        pruned_torch += [measured["torch"]] if "torch" in measured else []
+    timings["evaluate"] = time.perf_counter() - start
+    return Searched(loaded.source, loaded.model.config, _parameters(loaded.model, shipped_model), fit_ids,
+                    selection_ids, explored, builder, selection, pruned and pruned.result, export, shipped,
+                    pruned_torch, memory.as_dict())
+
+
+def _copy_streamed(loaded, folder: Path) -> None:
+    """The dense model as a reloadable checkpoint, a block at a time from its source (prunekit.checkpoint)."""
+    from prunekit.checkpoint import ShardWriter
+    from prunekit.pruning.blocks import StreamedBlocks
+
+    writer = ShardWriter(folder)
+    blocks = StreamedBlocks(loaded.model, loaded.weights, writer)
+    blocks.close_embedding()
+    for index in range(loaded.model.config.num_hidden_layers):
+        blocks.release(index, blocks.load(index))
+    blocks.close()
+    writer.finish(loaded.model, loaded.tokenizer, _dense_manifest(loaded.source))
+
+
+def _dense_manifest(source: str) -> dict:
+    return {"prunekit_manifest": 1, "source_model": source, "method": "none", "pattern": "unstructured",
+            "sparsity": 0.0}
+
+
+def _parameters(dense, shipped) -> dict:
+    """Parameter counts (meta tensors count too: a streamed model's skeleton)."""
+    return {"before": sum(p.numel() for p in dense.parameters()),
+            "after": sum(p.numel() for p in shipped.parameters())}
+
+
+def _ship(builder, chosen, stage: Path, context, timings: dict):
+    start = time.perf_counter()
+    export = builder.ship(chosen, stage, context)
+    timings["ship"] = time.perf_counter() - start
+    if export.status != "written":
+        print(f"note: {export.reason}", file=sys.stderr)
+    timings.update({f"export_{k}": v for k, v in export.timings.items()})
+    return export
 
 
 def _quality(pruned, dense, export, evaluation: Evaluation, windows: list, quiet: bool, precision: str):

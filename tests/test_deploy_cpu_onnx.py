@@ -209,3 +209,64 @@ def test_pruned_shapes_export_in_both_graph_styles(tokenizer, calib_ids, tmp_pat
     assert checks["passed"], checks
     ops = {n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node}
     assert ({"Attention", "RMSNormalization"} <= ops) == fused
+
+
+def test_streamed_deploy_judges_and_ships_like_the_in_memory_one(tiny_folder, tmp_path):
+    """--stream: one decoder block in memory, every artifact written a tensor at a time and judged
+    in ONNX Runtime processes of their own. The dense candidates are the same files' quality as the
+    in-memory deploy's (same weights, same quantizer), the shipped model folder reloads, and the
+    report says it was streamed."""
+    calib = tmp_path / "calib.txt"
+    calib.write_text(CORPUS * 4)
+    extra = ("--calib", str(calib), "--max-ppl-increase", "50", "--precision", "int8", "--sparsity", "0.5")
+    assert deploy_main(_args(tiny_folder, tmp_path / "streamed", "--stream", *extra)) == 0
+    assert deploy_main(_args(tiny_folder, tmp_path / "resident", *extra)) == 0
+    streamed, resident = (json.loads((tmp_path / name / "report.json").read_text()) for name in ("streamed", "resident"))
+    validate_report(streamed)
+    assert streamed["resources"]["memory"]["streamed"] and not resident["resources"]["memory"]["streamed"]
+    assert streamed["mask_hash"] == resident["mask_hash"]
+    by_name = {name: {c["name"]: c for c in report["search"]["candidates"]} for name, report in
+               (("streamed", streamed), ("resident", resident))}
+    for name, candidate in by_name["streamed"].items():
+        assert candidate["status"] == "built"
+        assert candidate["ppl_increase"] == pytest.approx(by_name["resident"][name]["ppl_increase"], abs=1e-3)
+    checks = streamed["export"]["checks"]
+    assert checks["export 0"]["passed"] and checks["export 0.5"]["passed"] and checks["shipped"]["streamed"]
+    assert streamed["quality"][0]["runtime"].startswith("onnxruntime")
+    for key in ("perplexity", "dense_perplexity", "kl", "top1"):
+        assert streamed["quality"][0][key] == pytest.approx(resident["quality"][0][key], rel=1e-4, abs=1e-6)
+    assert streamed["quality_pruned_torch"][0]["perplexity"] == pytest.approx(
+        resident["quality_pruned_torch"][0]["perplexity"], rel=1e-4)
+    assert streamed["parameters"] == resident["parameters"]
+    from prunekit.models import load_model
+
+    shipped = load_model(str(tmp_path / "streamed" / "model")).model
+    assert sum(p.numel() for p in shipped.parameters()) == streamed["parameters"]["after"]
+    assert not list(tmp_path.glob(".streamed.partial-*"))
+
+
+def test_streamed_deploy_refusals_come_before_any_work(tiny_folder, tmp_path, capsys):
+    assert deploy_main(_args(tiny_folder, tmp_path / "a", "--stream")) == 2  # no --calib: self-calibration
+    assert "pass --calib FILE" in capsys.readouterr().err
+    args = _args(tiny_folder, tmp_path / "b", "--stream", "--calib", "pydoc")
+    args[1] = "coreml-iphone13"
+    assert deploy_main(args) == 2
+    assert "deploy streamed only to cpu-onnx" in capsys.readouterr().err
+    assert deploy_main(_args(tiny_folder, tmp_path / "c", "--stream", "--calib", "pydoc", "--max-memory", "100MB")) == 2
+    assert "raise --max-memory" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
+def test_latency_groups_hold_at_most_the_limit(tmp_path):
+    from prunekit.targets.cpu_onnx_streamed import latency_groups, session_bytes
+
+    paths = []
+    for name, size in (("fp32", 7_000), ("int8", 2_500), ("int4", 1_500), ("big", 9_000)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.onnx").write_bytes(b"x" * 10)
+        (tmp_path / name / "model.onnx.data").write_bytes(b"x" * size)
+        paths.append(tmp_path / name / "model.onnx")
+    overhead = session_bytes(paths[0]) - 7_010
+    limit = 2 * overhead + 7_010  # fp32 alone, or int8 and int4 together
+    assert latency_groups(paths, limit) == [[0], [1, 2], [3]]  # 'big' is over the limit: alone
+    assert latency_groups(paths, 10**12) == [[0, 1, 2, 3]]

@@ -209,10 +209,11 @@ def _replace_matmul(graph, node, weight, nodes: list, output, initializers) -> N
 
 
 def as_matmul_nbits(model, bits: int, block_size: int = BLOCK_SIZE, accuracy_level: int = 4,
-                    exclude: frozenset[str] = frozenset()) -> None:
-    """Every MatMul over a weight (but the nodes named in ``exclude``) as MatMulNBits, its weight
-    quantized by ONNX Runtime's block quantizer (the kernel of MatMulNBitsQuantizer) when written;
-    its scales follow in the file."""
+                    exclude: tuple[str, ...] = ()) -> None:
+    """Every MatMul over a weight (but those ``exclude`` names: the node's name, its output's, or a word of its
+    torch name scope, as prunekit.exporters.onnx.quantize_int4's ``eight_bit``) as MatMulNBits, its
+    weight quantized by ONNX Runtime's block quantizer (the kernel of MatMulNBitsQuantizer) when
+    written; its scales follow in the file. int4-mixed is two calls: 4 bits but the excluded, then 8."""
     import onnx_ir as ir
     from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
                                                                  DefaultWeightOnlyQuantizer)
@@ -222,7 +223,7 @@ def as_matmul_nbits(model, bits: int, block_size: int = BLOCK_SIZE, accuracy_lev
     graph = model.graph
     for node in list(graph):
         weight = _matmul_weight(node)
-        if weight is None or node.name in exclude:
+        if weight is None or _named_by(node, exclude):
             continue
         k, n = weight.const_value.shape
         blocks, blob = -(-k // block_size), block_size * bits // 8
@@ -237,6 +238,11 @@ def as_matmul_nbits(model, bits: int, block_size: int = BLOCK_SIZE, accuracy_lev
                               name=f"{node.name}_Q{bits}" if node.name else None)
         _replace_matmul(graph, node, weight, [replacement], replacement.outputs[0], (packed, scales))
     model.opset_imports.setdefault("com.microsoft", 1)
+
+
+def _named_by(node, words: tuple[str, ...]) -> bool:
+    scope = node.metadata_props.get("pkg.torch.onnx.name_scopes", "")
+    return node.name in words or any(w in scope or any(w == out.name for out in node.outputs) for w in words)
 
 
 def as_int4_source(model, accuracy_level: int = 4) -> int:
@@ -283,7 +289,7 @@ def as_int4_source(model, accuracy_level: int = 4) -> int:
         offset_products.add(offset.name)
         _replace_matmul(graph, node, weight, [product, offset, total], total.outputs[0], (packed, scales, offsets))
     if offset_products:
-        as_matmul_nbits(model, bits=8, accuracy_level=accuracy_level, exclude=frozenset(offset_products))
+        as_matmul_nbits(model, bits=8, accuracy_level=accuracy_level, exclude=tuple(offset_products))
     return len(offset_products)
 
 
@@ -339,25 +345,27 @@ class _QuantizedWeight:
 
 
 def check_streamed_logits(path: Path, tokens: torch.Tensor, reference: torch.Tensor,
-                          tolerance: float = 1e-3, cached: int = 4) -> dict:
+                          tolerance: float = 1e-3) -> dict:
     """ONNX Runtime's logits of ``path`` on ``tokens`` against ``reference`` (a torch forward of the
     same model, e.g. block by block from its source: prunekit.pruning.blocks.streamed_logits), and
-    the last ``cached`` tokens fed one at a time through the KV cache against the same prefill.
-    Greedy generation in torch, which verify_export also compares, would stream the whole model
-    once per token; the cache check covers what it adds."""
+    the last tokens fed one at a time through the KV cache against the same prefill
+    (prunekit.exporters.onnx_judge.probe_outputs). Greedy generation in torch, which verify_export
+    also compares, would stream the whole model once per token; the cache check covers what it adds."""
+    from prunekit.exporters.onnx_judge import probe_outputs
     from prunekit.exporters.ort_session import OnnxDecoder
 
     runner = OnnxDecoder(path)
-    ids = tokens.numpy()[None]
-    logits, _ = runner.step(ids, runner.empty_cache())
-    diff = float(np.abs(logits[0] - reference.numpy()).max())
-    _, past = runner.step(ids[:, :-cached], runner.empty_cache())
-    steps = []
-    for i in range(ids.shape[1] - cached, ids.shape[1]):
-        step, past = runner.step(ids[:, i:i + 1], past)
-        steps.append(step[0, -1])
-    cache_diff = float(np.abs(np.stack(steps) - logits[0, -cached:]).max())
-    checks = {"kv_cache_io": runner.has_kv_cache,
+    prefill, steps = probe_outputs(runner, tokens.numpy()[None])
+    return compare_probe(prefill, steps, reference, runner.has_kv_cache, tolerance)
+
+
+def compare_probe(prefill: np.ndarray, steps: np.ndarray, reference: torch.Tensor, kv_cache_io: bool,
+                  tolerance: float = 1e-3) -> dict:
+    """The verification's verdict on an artifact's probe outputs (prefill logits, cached steps);
+    raises when they do not match ``reference``: the export is wrong, not the model."""
+    diff = float(np.abs(prefill - reference.numpy()).max())
+    cache_diff = float(np.abs(steps - prefill[-len(steps):]).max())
+    checks = {"kv_cache_io": kv_cache_io,
               "max_abs_logit_diff": diff, "max_abs_cache_diff": cache_diff, "tolerance": tolerance,
               "logits_within_tolerance": diff <= tolerance and cache_diff <= tolerance}
     checks["passed"] = checks["kv_cache_io"] and checks["logits_within_tolerance"]

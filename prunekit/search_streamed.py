@@ -1,0 +1,129 @@
+"""The budgeted search of a model that is never whole in memory (a streamed deploy).
+
+The same candidates and choice as prunekit.search.explore, in the memory of one decoder block: each
+amount is pruned from the model's weight source straight into a folder of its own (the streamed
+engine, prunekit.pruning.run with a ShardWriter), never as a copy of a dense model in memory; the
+pruned float model is screened on the selection tokens from that folder, block by block
+(prunekit.pruning.blocks.StreamedLogits); each candidate's artifacts are written from the folder a
+tensor at a time (prunekit.targets.cpu_onnx_streamed). An N:M pattern on a share of the blocks
+(prunekit.pruning.partial) mixes two whole models, so such amounts are skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from pathlib import Path
+
+from prunekit.progress import say
+from prunekit.search import SKIPPED, SLICE_MARGIN, SLICE_MIN_SAMPLES, SLICE_SHARE, Candidate, Exploration
+
+PARTIAL_N_M = ("a streamed deploy keeps N:M on every block or none: keeping the most sensitive blocks dense "
+               "mixes two whole models")
+
+
+@dataclasses.dataclass
+class StreamedPrune:
+    """One amount's prune: the engine's result (its model a skeleton) and the folder it wrote."""
+
+    result: object
+    folder: Path
+
+    def open(self):
+        from prunekit.models import open_streamed
+
+        return open_streamed(str(self.folder))
+
+
+def prune_streamed(model: str | None, plan, amount: float, ids, calib_source: str, folder: Path, probe,
+                   batch_size: int, progress: bool) -> StreamedPrune:
+    """``model`` (a path or id, opened streamed) pruned at ``amount`` on ``ids`` into ``folder``, a
+    reloadable checkpoint; ``probe`` gets its logits through the pruned blocks on the way."""
+    from prunekit.checkpoint import ShardWriter
+    from prunekit.models import open_streamed
+    from prunekit.pruning.run import prune
+
+    loaded = open_streamed(model)
+    writer = ShardWriter(folder)
+    result = prune(loaded, plan.method, amount, plan.pattern, calib=calib_source, calib_ids=ids,
+                   progress=progress, writer=writer, batch_size=batch_size, probe=probe[None],
+                   **plan.pruner_options())
+    writer.finish(result.model, loaded.tokenizer, result.manifest(loaded.source))
+    return StreamedPrune(result, Path(folder))
+
+
+def explore_streamed(model: str | None, loaded, plan, grid, fit_ids, selection_ids, builder, calib_source: str,
+                     scratch: Path, probe, probe_reference, reference, batch_size: int, screen: bool = True,
+                     progress: bool = True) -> Exploration:
+    """prunekit.search.explore for a streamed model: ``loaded`` is ``model`` opened streamed (the
+    dense candidates are written from it), ``reference`` its stored logits on ``selection_ids``,
+    ``probe_reference`` its torch logits of ``probe`` (what the fp32 exports are verified against)."""
+    from prunekit.errors import UserInputError
+    from prunekit.evaluation import measure_quality
+    from prunekit.pruning.blocks import StreamedLogits
+
+    out = Exploration([], {}, seconds={"prune": 0.0, "screen": 0.0, "build": 0.0})
+    stop_why = None
+    implied = plan.pattern.implied_sparsity if plan.pattern.n_m else None
+    sliced = int(fit_ids.shape[0] * SLICE_SHARE)
+    slack = dataclasses.replace(plan.budget, **{k: v * SLICE_MARGIN for k, v in plan.budget.limits.items()
+                                                if k in ("max_ppl_increase", "max_kl")})
+
+    def pruned_at(amount, ids, name):
+        say(f"pruning {plan.method} {plan.pattern} at {amount:g} on {ids.shape[0]} calibration samples "
+            f"(streamed: one decoder block in memory)", not progress)
+        return prune_streamed(model, plan, amount, ids, calib_source, Path(scratch) / name, probe, batch_size, progress)
+
+    def screened(pruned: StreamedPrune, amount, samples: int, budget) -> list[str]:
+        start = time.perf_counter()
+        opened = pruned.open()
+        q = measure_quality(StreamedLogits(opened.model, opened.weights, [selection_ids]), selection_ids, reference)
+        out.seconds["screen"] += time.perf_counter() - start
+        out.screen.append({"amount": amount, "fit_samples": samples, "ppl_increase": q.increase_pct, "kl": q.kl,
+                           "top1": q.top1, "misses": plan.budget.misses(ppl_increase=q.increase_pct, kl=q.kl)})
+        return budget.misses(ppl_increase=q.increase_pct, kl=q.kl)
+
+    for amount, precisions in grid:
+        if stop_why is None and implied and 0 < amount < implied:
+            out.candidates += [Candidate(amount, p, status=SKIPPED, why=PARTIAL_N_M) for p in precisions]
+            continue
+        if stop_why is not None:
+            out.candidates += [Candidate(amount, p, status=SKIPPED, why=stop_why) for p in precisions]
+            continue
+        source, pruned, verify_against = loaded, None, probe_reference
+        if amount > 0:
+            start = time.perf_counter()
+            try:
+                if screen and not implied and sliced >= SLICE_MIN_SAMPLES:
+                    part = pruned_at(amount, fit_ids[:sliced], f"slice-{amount:g}")
+                    out.seconds["prune"] += time.perf_counter() - start
+                    far = screened(part, amount, sliced, slack)
+                    shutil.rmtree(part.folder)
+                    start = time.perf_counter()
+                    if far:
+                        stop_why = (f"the float model pruned at {amount:g} on {sliced} of the {fit_ids.shape[0]} "
+                                    f"samples misses the quality budget {SLICE_MARGIN:g} times over on the "
+                                    f"selection tokens ({'; '.join(far)}), so it was not pruned on all of them")
+                        out.candidates += [Candidate(amount, p, status=SKIPPED, why=stop_why) for p in precisions]
+                        continue
+                pruned = pruned_at(implied or amount, fit_ids, f"pruned-{amount:g}")
+            except UserInputError as exc:
+                out.candidates += [Candidate(amount, p, status=SKIPPED, why=str(exc)) for p in precisions]
+                continue
+            finally:
+                out.seconds["prune"] += time.perf_counter() - start
+            if screen:
+                misses = screened(pruned, amount, fit_ids.shape[0], plan.budget)
+                if misses:
+                    stop_why = (f"the float model pruned at {amount:g} already misses the quality budget on "
+                                f"the selection tokens ({'; '.join(misses)})")
+                    out.candidates += [Candidate(amount, p, status=SKIPPED, why=stop_why) for p in precisions]
+                    shutil.rmtree(pruned.folder)
+                    continue
+            source, verify_against = pruned.open(), pruned.result.probe_logits[0]
+        start = time.perf_counter()
+        out.candidates += builder.build(source, amount, precisions, selection_ids, reference, verify_against)
+        out.seconds["build"] += time.perf_counter() - start
+        out.pruned[amount] = pruned
+    return out
