@@ -3,8 +3,10 @@
 Each checks every input it can before a model loads (a bad input costs seconds, not a prune), then
 runs its stages in order; the CLI only parses arguments and prints what these return.
 
-deploy: profile -> plan -> load -> calibrate + prune -> save -> export (verify, quantize, measure)
--> quality of the shipped artifact, by its runtime, on every evaluation text -> gate -> report.
+deploy: profile -> plan -> memory (in memory, or streamed: prunekit.deploy_memory) -> load ->
+calibrate + prune -> save -> export (verify, quantize, measure) -> quality of the shipped artifact,
+by its runtime, on every evaluation text -> gate -> report. The in-memory and the streamed search
+(``_search_resident``, ``_search_streamed``) leave the report the same record (``Searched``).
 """
 
 from __future__ import annotations
@@ -165,7 +167,8 @@ def deploy(target: str, model: str | None = None, out: str | Path | None = None,
                              f">= 4 (got {calibration.samples})")
     evaluation = Evaluation.parse(evals, eval_seqlen, eval_windows)
     check_output(out, force, keep=tuple(p for p in [model] if p and Path(p).exists()))
-    memory = deploy_memory(model, profile, plan.method, calibration, max_memory, stream)  # refuses before any work
+    memory = deploy_memory(model, profile, plan.method, calibration, max_memory, stream,  # refuses before any work
+                           int8_flavour)
     use_usable_cores()
 
     timings, began = {}, time.perf_counter()
@@ -357,11 +360,24 @@ def _search_streamed(model, profile, plan, calibration, evaluation, scratch: Pat
     export = _ship(builder, chosen, stage, None, timings)
 
     start = time.perf_counter()
-    say("evaluating quality against the dense model (the shipped artifact in ONNX Runtime, a process of its "
-        "own, and the pruned model in torch, one block at a time)", quiet)
-    from prunekit.exporters.onnx_judge import judge_in_subprocess
+    shipped, pruned_torch = _quality_streamed(pruned, dense, export, evaluation, windows, scratch, quiet)
+    timings["evaluate"] = time.perf_counter() - start
+    return Searched(loaded.source, loaded.model.config, _parameters(loaded.model, shipped_model), fit_ids,
+                    selection_ids, explored, builder, selection, pruned and pruned.result, export, shipped,
+                    pruned_torch, memory.as_dict())
 
-    candidates, runtimes = {}, {"shipped": export.shipped_runtime}
+
+def _quality_streamed(pruned, dense, export, evaluation: Evaluation, windows: list, scratch: Path, quiet: bool):
+    """``_quality`` for a streamed deploy, per evaluation text: the shipped artifact judged in an
+    ONNX Runtime process of its own, and (when an amount was pruned) the pruned model in torch,
+    block by block from its folder, against ``dense`` (prunekit.pruning.blocks.StreamedLogits)."""
+    from prunekit.evaluation import StoredLogits
+    from prunekit.exporters.onnx_judge import judge_in_subprocess
+    from prunekit.pruning.blocks import StreamedLogits
+
+    say("evaluating quality against the dense model (the shipped artifact in ONNX Runtime, a process of its "
+        "own" + (", and the pruned model in torch, one block at a time)" if pruned else ")"), quiet)
+    candidates = {}
     if pruned is not None:
         opened = pruned.open()
         candidates["torch"] = StreamedLogits(opened.model, opened.weights, windows)
@@ -370,14 +386,12 @@ def _search_streamed(model, profile, plan, calibration, evaluation, scratch: Pat
         logits = scratch / "shipped-logits"
         judge_in_subprocess(export.shipped_onnx, text_windows_.numpy(), logits)
         measured = measure_qualities({**candidates, "shipped": StoredLogits(None, logits)}, text_windows_, dense,
-                                     text.language, text.source, progress=not quiet, runtimes=runtimes)
+                                     text.language, text.source, progress=not quiet,
+                                     runtimes={"shipped": export.shipped_runtime})
         shutil.rmtree(logits)
         shipped.append(measured["shipped"])
         pruned_torch += [measured["torch"]] if "torch" in measured else []
-    timings["evaluate"] = time.perf_counter() - start
-    return Searched(loaded.source, loaded.model.config, _parameters(loaded.model, shipped_model), fit_ids,
-                    selection_ids, explored, builder, selection, pruned and pruned.result, export, shipped,
-                    pruned_torch, memory.as_dict())
+    return shipped, pruned_torch
 
 
 def _copy_streamed(loaded, folder: Path) -> None:

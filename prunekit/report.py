@@ -112,9 +112,18 @@ def markdown(report: dict, plot_name: str) -> str:
     resources = report.get("resources") or {}
     lines += ["", "## Stage timings (s)", "", " · ".join(f"{k} {v:.1f}" for k, v in report["timings"].items()),
               "", f"Wall time {_fmt(resources.get('wall_seconds'), '.0f')} s, peak RSS "
-                  f"{_fmt(resources.get('peak_rss_gb'), '.2f')} GB (this process; latency runs in their own).",
+                  f"{_fmt(resources.get('peak_rss_gb'), '.2f')} GB (this process; latency runs in their own)."
+                  + _memory_line(resources.get("memory")),
               "", f"![quality and size]({plot_name})", ""]
     return "\n".join(lines)
+
+
+def _memory_line(memory: dict | None) -> str:
+    if not memory or not memory.get("streamed"):
+        return ""
+    return (f" Streamed, one decoder block in memory (float32 weights {memory['float32_gb']} GB, budget "
+            f"{memory['budget_gb']} GB): {memory['reason'].split(': ', 1)[-1]}; the artifacts were judged in ONNX "
+            f"Runtime processes of their own.")
 
 
 def _search_lines(search: dict | None) -> list[str]:

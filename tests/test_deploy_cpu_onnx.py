@@ -238,6 +238,7 @@ def test_streamed_deploy_judges_and_ships_like_the_in_memory_one(tiny_folder, tm
     assert streamed["quality_pruned_torch"][0]["perplexity"] == pytest.approx(
         resident["quality_pruned_torch"][0]["perplexity"], rel=1e-4)
     assert streamed["parameters"] == resident["parameters"]
+    assert "Streamed, one decoder block in memory" in (tmp_path / "streamed" / "report.md").read_text()
     from prunekit.models import load_model
 
     shipped = load_model(str(tmp_path / "streamed" / "model")).model
@@ -254,6 +255,8 @@ def test_streamed_deploy_refusals_come_before_any_work(tiny_folder, tmp_path, ca
     assert "deploy streamed only to cpu-onnx" in capsys.readouterr().err
     assert deploy_main(_args(tiny_folder, tmp_path / "c", "--stream", "--calib", "pydoc", "--max-memory", "100MB")) == 2
     assert "raise --max-memory" in capsys.readouterr().err
+    assert deploy_main(_args(tiny_folder, tmp_path / "c", "--stream", "--calib", "pydoc", "--int8-flavour", "qdq")) == 2
+    assert "--int8-flavour qdq quantizes a whole model" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
 
 
