@@ -10,7 +10,7 @@ budget, the one that overshoots least ships, and deploy exits 3.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from prunekit.plan import Budget
 
@@ -145,6 +145,27 @@ class Exploration:
     seconds: dict = field(default_factory=dict)
 
 
+def skipped(amount: float, precisions, why: str) -> list[Candidate]:
+    return [Candidate(amount, p, status=SKIPPED, why=why) for p in precisions]
+
+
+def slice_budget(budget: Budget) -> Budget:
+    """The budget the slice screen applies: the quality limits SLICE_MARGIN times looser."""
+    return replace(budget, **{k: v * SLICE_MARGIN for k, v in budget.limits.items()
+                              if k in ("max_ppl_increase", "max_kl")})
+
+
+def slice_miss(amount: float, sliced: int, total: int, far: list[str]) -> str:
+    return (f"the float model pruned at {amount:g} on {sliced} of the {total} samples misses the quality budget "
+            f"{SLICE_MARGIN:g} times over on the selection tokens ({'; '.join(far)}), so it was not pruned on all "
+            f"of them")
+
+
+def screen_miss(amount: float, misses: list[str]) -> str:
+    return (f"the float model pruned at {amount:g} already misses the quality budget on the selection tokens "
+            f"({'; '.join(misses)})")
+
+
 def explore(loaded, dense, plan, grid: list[tuple[float, tuple[str, ...]]], fit_ids, selection_ids, builder,
             calib_source: str, screen: bool = True, progress: bool = True, reference=None) -> Exploration:
     """Build and judge every (amount, precision) of ``grid`` in increasing amount. Each amount is
@@ -159,7 +180,6 @@ def explore(loaded, dense, plan, grid: list[tuple[float, tuple[str, ...]]], fit_
     ``reference`` (default: ``dense``) gives the dense logits that candidates are judged against
     (prunekit.evaluation.StoredLogits computes them once for the whole search)."""
     import copy
-    import dataclasses
     import time
 
     from prunekit.errors import UserInputError
@@ -192,12 +212,11 @@ def explore(loaded, dense, plan, grid: list[tuple[float, tuple[str, ...]]], fit_
         return misses
 
     sliced = int(fit_ids.shape[0] * SLICE_SHARE)
-    slack = dataclasses.replace(plan.budget, **{k: v * SLICE_MARGIN for k, v in plan.budget.limits.items()
-                                                if k in ("max_ppl_increase", "max_kl")})
+    slack = slice_budget(plan.budget)
 
     for amount, precisions in grid:
         if stop_why is not None:
-            out.candidates += [Candidate(amount, p, status=SKIPPED, why=stop_why) for p in precisions]
+            out.candidates += skipped(amount, precisions, stop_why)
             continue
         model, result = dense, None
         if amount > 0:
@@ -215,16 +234,14 @@ def explore(loaded, dense, plan, grid: list[tuple[float, tuple[str, ...]]], fit_
                     start = time.perf_counter()
                     del slice_result
                     if far:
-                        stop_why = (f"the float model pruned at {amount:g} on {sliced} of the {fit_ids.shape[0]} "
-                                    f"samples misses the quality budget {SLICE_MARGIN:g} times over on the "
-                                    f"selection tokens ({'; '.join(far)}), so it was not pruned on all of them")
-                        out.candidates += [Candidate(amount, p, status=SKIPPED, why=stop_why) for p in precisions]
+                        stop_why = slice_miss(amount, sliced, fit_ids.shape[0], far)
+                        out.candidates += skipped(amount, precisions, stop_why)
                         continue
                     result = pruned_at(amount)
                 else:
                     result = every_block if implied and every_block else pruned_at(amount)
             except UserInputError as exc:
-                out.candidates += [Candidate(amount, p, status=SKIPPED, why=str(exc)) for p in precisions]
+                out.candidates += skipped(amount, precisions, str(exc))
                 continue
             finally:
                 out.seconds["prune"] += time.perf_counter() - start
@@ -232,9 +249,8 @@ def explore(loaded, dense, plan, grid: list[tuple[float, tuple[str, ...]]], fit_
             if screen:
                 misses = screened(model, amount, fit_ids.shape[0], plan.budget)
                 if misses:
-                    stop_why = (f"the float model pruned at {amount:g} already misses the quality budget on "
-                                f"the selection tokens ({'; '.join(misses)})")
-                    out.candidates += [Candidate(amount, p, status=SKIPPED, why=stop_why) for p in precisions]
+                    stop_why = screen_miss(amount, misses)
+                    out.candidates += skipped(amount, precisions, stop_why)
                     continue
         start = time.perf_counter()
         out.candidates += builder.build(model, amount, precisions, selection_ids, reference)

@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 from prunekit.progress import say
-from prunekit.search import SKIPPED, SLICE_MARGIN, SLICE_MIN_SAMPLES, SLICE_SHARE, Candidate, Exploration
+from prunekit.search import (SLICE_MIN_SAMPLES, SLICE_SHARE, Exploration, screen_miss, skipped, slice_budget,
+                             slice_miss)
 
 PARTIAL_N_M = ("a streamed deploy keeps N:M on every block or none: keeping the most sensitive blocks dense "
                "mixes two whole models")
@@ -67,8 +68,7 @@ def explore_streamed(model: str | None, loaded, plan, grid, fit_ids, selection_i
     stop_why = None
     implied = plan.pattern.implied_sparsity if plan.pattern.n_m else None
     sliced = int(fit_ids.shape[0] * SLICE_SHARE)
-    slack = dataclasses.replace(plan.budget, **{k: v * SLICE_MARGIN for k, v in plan.budget.limits.items()
-                                                if k in ("max_ppl_increase", "max_kl")})
+    slack = slice_budget(plan.budget)
 
     def pruned_at(amount, ids, name):
         say(f"pruning {plan.method} {plan.pattern} at {amount:g} on {ids.shape[0]} calibration samples "
@@ -86,10 +86,10 @@ def explore_streamed(model: str | None, loaded, plan, grid, fit_ids, selection_i
 
     for amount, precisions in grid:
         if stop_why is None and implied and 0 < amount < implied:
-            out.candidates += [Candidate(amount, p, status=SKIPPED, why=PARTIAL_N_M) for p in precisions]
+            out.candidates += skipped(amount, precisions, PARTIAL_N_M)
             continue
         if stop_why is not None:
-            out.candidates += [Candidate(amount, p, status=SKIPPED, why=stop_why) for p in precisions]
+            out.candidates += skipped(amount, precisions, stop_why)
             continue
         source, pruned, verify_against = loaded, None, probe_reference
         if amount > 0:
@@ -102,23 +102,20 @@ def explore_streamed(model: str | None, loaded, plan, grid, fit_ids, selection_i
                     shutil.rmtree(part.folder)
                     start = time.perf_counter()
                     if far:
-                        stop_why = (f"the float model pruned at {amount:g} on {sliced} of the {fit_ids.shape[0]} "
-                                    f"samples misses the quality budget {SLICE_MARGIN:g} times over on the "
-                                    f"selection tokens ({'; '.join(far)}), so it was not pruned on all of them")
-                        out.candidates += [Candidate(amount, p, status=SKIPPED, why=stop_why) for p in precisions]
+                        stop_why = slice_miss(amount, sliced, fit_ids.shape[0], far)
+                        out.candidates += skipped(amount, precisions, stop_why)
                         continue
                 pruned = pruned_at(implied or amount, fit_ids, f"pruned-{amount:g}")
             except UserInputError as exc:
-                out.candidates += [Candidate(amount, p, status=SKIPPED, why=str(exc)) for p in precisions]
+                out.candidates += skipped(amount, precisions, str(exc))
                 continue
             finally:
                 out.seconds["prune"] += time.perf_counter() - start
             if screen:
                 misses = screened(pruned, amount, fit_ids.shape[0], plan.budget)
                 if misses:
-                    stop_why = (f"the float model pruned at {amount:g} already misses the quality budget on "
-                                f"the selection tokens ({'; '.join(misses)})")
-                    out.candidates += [Candidate(amount, p, status=SKIPPED, why=stop_why) for p in precisions]
+                    stop_why = screen_miss(amount, misses)
+                    out.candidates += skipped(amount, precisions, stop_why)
                     shutil.rmtree(pruned.folder)
                     continue
             source, verify_against = pruned.open(), pruned.result.probe_logits[0]

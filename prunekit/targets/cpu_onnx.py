@@ -59,10 +59,31 @@ def _runtime() -> str:
     return f"onnxruntime {onnxruntime.__version__} CPUExecutionProvider"
 
 
+def record_latency(candidate: Candidate, row: dict) -> None:
+    """A latency process's row (prunekit.exporters.latency) on its candidate, as measured."""
+    candidate.decode_ms, candidate.prefill_ms = row["decode_ms"], row["prefill_ms"]
+    candidate.latency_basis = "measured"
+    candidate.extra["latency"] = row
+
+
+def shipped_latency(chosen: Candidate) -> dict:
+    """The report's latency section: the chosen candidate's measurement and its settings."""
+    return {"basis": "measured", "runtime": _runtime(), "shipped": chosen.name,
+            **{k: chosen.extra["latency"][k] for k in LATENCY_SETTINGS}}
+
+
+def copy_artifact(source: Path, stage: Path) -> Path:
+    """The artifact's files (``source`` and its external data) copied to ``stage``/onnx."""
+    target = Path(stage) / "onnx"
+    target.mkdir()
+    for file in source.parent.iterdir():
+        shutil.copy2(file, target / file.name)
+    return target / "model.onnx"
+
+
 class OnnxCandidates:
     """Builds, judges and times cpu-onnx candidates in ``scratch``; ships the chosen one."""
 
-    latency_basis = "measured"
 
     def __init__(self, scratch: Path, probe, quiet: bool = False, int8_flavour: str = "weight-only",
                  calibration: list | None = None):
@@ -218,27 +239,19 @@ class OnnxCandidates:
         say(f"timing {len(built)} artifacts side by side with ONNX Runtime", self.quiet)
         rows = measure_in_subprocess([self.paths[(c.amount, c.precision)] for c in built])
         for candidate, row in zip(built, rows):
-            candidate.decode_ms, candidate.prefill_ms = row["decode_ms"], row["prefill_ms"]
-            candidate.latency_basis = self.latency_basis
-            candidate.extra["latency"] = row
+            record_latency(candidate, row)
         self.timings["measure"] += time.perf_counter() - start
 
     def ship(self, chosen: Candidate, stage: Path, model=None) -> ExportOutcome:
-        source = self.paths[(chosen.amount, chosen.precision)]
-        target = Path(stage) / "onnx"
-        target.mkdir()
-        for file in source.parent.iterdir():
-            shutil.copy2(file, target / file.name)
-        runner = OnnxDecoder(target / "model.onnx")
+        shipped = copy_artifact(self.paths[(chosen.amount, chosen.precision)], stage)
+        runner = OnnxDecoder(shipped)
         quantizer = self.int4_used.get(chosen.amount) if chosen.precision in INT4_PRECISIONS else None
         export = f"export {chosen.amount:g}" + (f" {chosen.precision}" if quantizer == "activation-aware" else "")
         self.checks["shipped"] = {"kv_cache_io": runner.has_kv_cache,
                                   "verified_export": self.checks[export]["passed"], "int4_quantizer": quantizer}
         del runner
-        latency = {"basis": "measured", "runtime": _runtime(), "shipped": chosen.name,
-                   **{k: chosen.extra["latency"][k] for k in LATENCY_SETTINGS}}
-        return ExportOutcome("written", None, [], latency, self.checks, dict(self.timings),
-                             shipped_onnx=target / "model.onnx", shipped_runtime=_runtime())
+        return ExportOutcome("written", None, [], shipped_latency(chosen), self.checks, dict(self.timings),
+                             shipped_onnx=shipped, shipped_runtime=_runtime())
 
 
 def build(context) -> ExportOutcome:
@@ -302,14 +315,13 @@ def build_streamed(loaded, amount: float, precision: str, stage: Path, quiet: bo
         say("timing the artifact with ONNX Runtime", quiet)
         row = measure_in_subprocess([path])[0]
         timings["measure"] = time.perf_counter() - start
-        candidate.decode_ms, candidate.prefill_ms, candidate.latency_basis = row["decode_ms"], row["prefill_ms"], "measured"
+        record_latency(candidate, row)
         target = Path(stage) / "onnx"
         target.mkdir()
         for file in path.parent.iterdir():
             shutil.move(str(file), target / file.name)
     checks["shipped"] = {"kv_cache_io": checks[f"export {amount:g}"]["kv_cache_io"],
                          "verified_export": checks[f"export {amount:g}"]["passed"], "int4_quantizer": None}
-    latency = {"basis": "measured", "runtime": _runtime(), "shipped": candidate.name,
-               **{k: row[k] for k in LATENCY_SETTINGS}}
+    latency = shipped_latency(candidate)
     return ExportOutcome("written", None, [candidate.as_dict()], latency, checks, dict(timings),
                          shipped_onnx=target / "model.onnx", shipped_runtime=_runtime())

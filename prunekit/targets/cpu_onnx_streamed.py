@@ -28,13 +28,14 @@ import numpy as np
 
 from prunekit.arch import architecture_for
 from prunekit.evaluation import StoredLogits, measure_qualities
-from prunekit.exporters.latency import SETTINGS as LATENCY_SETTINGS, measure_in_subprocess
+from prunekit.exporters.latency import measure_in_subprocess
 from prunekit.exporters.onnx import onnx_bytes
 from prunekit.progress import say
 from prunekit.pruning.blocks import return_freed_memory
 from prunekit.search import BUILT, SKIPPED, Candidate
 from prunekit.targets import ExportOutcome
-from prunekit.targets.cpu_onnx import INT4_PRECISIONS, NO_SOURCE_GRID, _runtime
+from prunekit.targets.cpu_onnx import (INT4_PRECISIONS, NO_SOURCE_GRID, _runtime, copy_artifact, record_latency,
+                                       shipped_latency)
 
 ROUNDING = "rtn-symmetric"
 GROUP_BYTES = 4_000_000_000
@@ -65,7 +66,6 @@ def latency_groups(paths: list[Path], limit: int) -> list[list[int]]:
 class StreamedOnnxCandidates:
     """Builds, judges and times cpu-onnx candidates from weight sources in ``scratch``; ships the chosen one."""
 
-    latency_basis = "measured"
     int4_comparison = None  # one 4-bit quantizer only: nothing compared
 
     def __init__(self, scratch: Path, probe, quiet: bool = False):
@@ -149,25 +149,17 @@ class StreamedOnnxCandidates:
             self.groups.append([built[i].name for i in group])
             say(f"timing {', '.join(built[i].name for i in group)} side by side with ONNX Runtime", self.quiet)
             for index, row in zip(group, measure_in_subprocess([paths[i] for i in group])):
-                built[index].decode_ms, built[index].prefill_ms = row["decode_ms"], row["prefill_ms"]
-                built[index].latency_basis = self.latency_basis
-                built[index].extra["latency"] = row
+                record_latency(built[index], row)
         self.timings["measure"] += time.perf_counter() - start
 
     def ship(self, chosen: Candidate, stage: Path, context=None) -> ExportOutcome:
-        source = self.paths[(chosen.amount, chosen.precision)]
-        target = Path(stage) / "onnx"
-        target.mkdir()
-        for file in source.parent.iterdir():
-            shutil.copy2(file, target / file.name)
+        shipped = copy_artifact(self.paths[(chosen.amount, chosen.precision)], stage)
         self.checks["shipped"] = {"kv_cache_io": self.checks[f"export {chosen.amount:g}"]["kv_cache_io"],
                                   "verified_export": self.checks[f"export {chosen.amount:g}"]["passed"],
                                   "int4_quantizer": ROUNDING if chosen.precision in INT4_PRECISIONS else None,
                                   "streamed": True, "latency_groups": self.groups}
-        latency = {"basis": "measured", "runtime": _runtime(), "shipped": chosen.name,
-                   **{k: chosen.extra["latency"][k] for k in LATENCY_SETTINGS}}
-        return ExportOutcome("written", None, [], latency, self.checks, dict(self.timings),
-                             shipped_onnx=target / "model.onnx", shipped_runtime=_runtime())
+        return ExportOutcome("written", None, [], shipped_latency(chosen), self.checks, dict(self.timings),
+                             shipped_onnx=shipped, shipped_runtime=_runtime())
 
 
 def judge_in_subprocess(path: Path, windows, folder: Path, probe) -> dict:
