@@ -2,11 +2,12 @@
 
 Each amount's model is a weight source (the GGUF itself, or the folder its streamed prune wrote),
 exported a tensor at a time (prunekit.exporters.onnx_streamed), traced once and the trace cloned
-per precision (the files are byte for byte those of a trace each): fp32;
+per precision (onnx_ir's clone; on a tiny model the files are byte for byte those of a trace
+each): fp32;
 INT8 and 4-bit weights by ONNX Runtime's block quantizer as they are written (int4-mixed keeps the
 head and the down projection at 8 bits); int4-source. The 4-bit weights are rounded to nearest: the
 activation-aware preparation (prunekit.activation_scaling) runs the whole model, so a streamed
-deploy leaves it out and the report says so.
+deploy leaves it out and says so in each 4-bit candidate's record (NOT_PREPARED).
 
 ONNX Runtime's session of an artifact holds all its weights (7.5 GB for the 1.5B model in fp32),
 so no session opens in the deploy process: each artifact is judged in a process of its own
@@ -14,7 +15,7 @@ so no session opens in the deploy process: each artifact is judged in a process 
 verified there against the torch logits its source gives block by block. Artifacts are timed
 round-robin in groups whose sessions together hold at most the largest artifact (the dense fp32
 one alone) or GROUP_BYTES, whichever is more, one group after another: a small model's candidates
-all side by side, as in the in-memory deploy; a 1.5B model's in three or four groups.
+all side by side, as in the in-memory deploy; the 1.5B model's 8 in five groups (docs/memory.md).
 """
 
 from __future__ import annotations
@@ -113,8 +114,8 @@ class StreamedOnnxCandidates:
             self.paths[(amount, precision)] = path
             out.append(Candidate(amount, precision, ppl_increase=q.increase_pct, ppl_increase_upper=q.increase_upper_pct,
                                  kl=q.kl, top1=q.top1, quality_by=_runtime(), bytes=onnx_bytes(path),
-                                 size_basis="file", extra={"int4_quantizer": ROUNDING} if precision in INT4_PRECISIONS
-                                 else {}))
+                                 size_basis="file", extra={"int4_quantizer": ROUNDING, "note": NOT_PREPARED}
+                                 if precision in INT4_PRECISIONS else {}))
         return out
 
     def _written(self, graph, loaded, precision: str, folder: Path) -> Path | None:
