@@ -273,3 +273,18 @@ def test_latency_groups_hold_at_most_the_limit(tmp_path):
     limit = 2 * overhead + 7_010  # fp32 alone, or int8 and int4 together
     assert latency_groups(paths, limit) == [[0], [1, 2], [3]]  # 'big' is over the limit: alone
     assert latency_groups(paths, 10**12) == [[0, 1, 2, 3]]
+
+
+def test_streamed_deploy_of_the_dense_model_copies_it_block_by_block(tiny_folder, tmp_path):
+    calib = tmp_path / "calib.txt"
+    calib.write_text(CORPUS * 4)
+    out = tmp_path / "dense"
+    assert deploy_main(_args(tiny_folder, out, "--stream", "--calib", str(calib), "--sparsity", "0",
+                             "--precision", "int8")) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["search"]["selection"]["chosen"] == "dense int8" and report["quality_pruned_torch"] == []
+    from prunekit.models import load_model
+
+    original, copied = load_model(str(tiny_folder)).model, load_model(str(out / "model")).model
+    ids = torch.arange(3, 19)[None]
+    assert torch.equal(original(ids).logits, copied(ids).logits)
