@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from prunekit.evaluation import eval_windows, measure_qualities
-from prunekit.exporters.latency import peak_rss_gb, timed_round
+from prunekit.exporters.latency import peak_rss_gb, round_robin
 from prunekit.activation_scaling import prepare_int4
 from prunekit.calibration import calibration_ids
 from prunekit.exporters.onnx import (OnnxDecoder, export_onnx, onnx_bytes, onnx_logits, quantize_int4,
@@ -107,17 +107,9 @@ def main():
         fns = {name: (r.logits if isinstance(r, LlamaCppDecoder) else onnx_logits(r)) for name, r in runners.items()}
         quality = measure_qualities(fns, windows, dense.model, "wikitext2", str(EVAL_FILE), progress=True)
 
-        vocab = dense.model.config.vocab_size
-        prompt = np.random.default_rng(0).integers(3, vocab, size=(1, 128))
-        prefill = {name: [] for name in runners}
-        decode = {name: [] for name in runners}
-        for round_index in range(args.rounds + 1):  # round 0 warms up
-            print(f"timing round {round_index}/{args.rounds}", file=sys.stderr, flush=True)
-            for name, runner in runners.items():
-                first, steps = timed_round(runner, prompt, 32)
-                if round_index:
-                    prefill[name].append(first)
-                    decode[name].append(statistics.median(steps))
+        print(f"timing {args.rounds} rounds round-robin (and one to warm up)", file=sys.stderr, flush=True)
+        timed = round_robin(list(runners.values()), args.rounds, vocab=dense.model.config.vocab_size)
+        prefill, decode = (dict(zip(runners, kind)) for kind in timed)
     rows = []
     for name in runners:
         q = quality[name]

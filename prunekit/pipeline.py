@@ -150,6 +150,7 @@ def deploy(target: str, model: str | None = None, out: str | Path | None = None,
 
     from prunekit.deploy_memory import deploy_memory
     from prunekit.exporters.latency import peak_rss_gb
+    from prunekit.models import gguf_parsed_once, open_streamed
     from prunekit.report import SCHEMA, artifact_list, hardware, versions, write_report
     from prunekit.threads import use_usable_cores
 
@@ -167,16 +168,23 @@ def deploy(target: str, model: str | None = None, out: str | Path | None = None,
                              f">= 4 (got {calibration.samples})")
     evaluation = Evaluation.parse(evals, eval_seqlen, eval_windows)
     check_output(out, force, keep=tuple(p for p in [model] if p and Path(p).exists()))
-    memory = deploy_memory(model, profile, plan.method, calibration, max_memory, stream,  # refuses before any work
-                           int8_flavour)
     use_usable_cores()
 
     timings, began = {}, time.perf_counter()
-    with staged_output(out, force) as stage, tempfile.TemporaryDirectory(prefix="prunekit-candidates-") as scratch:
-        search = _search_streamed if memory.streamed else _search_resident
+    with gguf_parsed_once():  # the memory decision and an in-memory load parse a GGUF's metadata once
+        opened = open_streamed(model)  # config, tokenizer and a skeleton: no weight is read
+        memory = deploy_memory(opened.model, profile, plan.method, calibration, max_memory, stream,
+                               int8_flavour)  # refuses before any weight is read
         if memory.streamed:
             say(memory.reason, quiet)
-        found = search(model, profile, plan, calibration, evaluation, Path(scratch), stage, int8_flavour,
+            loaded = opened
+        else:
+            loaded = _load(model, quiet)
+    timings["load"] = time.perf_counter() - began
+    del opened
+    with staged_output(out, force) as stage, tempfile.TemporaryDirectory(prefix="prunekit-candidates-") as scratch:
+        search = _search_streamed if memory.streamed else _search_resident
+        found = search(loaded, model, profile, plan, calibration, evaluation, Path(scratch), stage, int8_flavour,
                        memory, timings, quiet)
         chosen = found.selection.chosen
         gate = quality_gate(found.quality, plan.budget, chosen)
@@ -265,18 +273,15 @@ def _calibrate(calibration: Calibration, tokenizer, model, quiet: bool, timings:
     return selection_split(calib_ids)
 
 
-def _search_resident(model, profile, plan, calibration, evaluation, scratch: Path, stage: Path, int8_flavour: str,
-                     memory, timings: dict, quiet: bool) -> Searched:
-    """The whole model in memory: each amount prunes a copy of the dense model."""
+def _search_resident(loaded, model, profile, plan, calibration, evaluation, scratch: Path, stage: Path,
+                     int8_flavour: str, memory, timings: dict, quiet: bool) -> Searched:
+    """The whole model in memory (``loaded``): each amount prunes a copy of the dense model."""
     from prunekit.checkpoint import save_checkpoint
     from prunekit.evaluation import StoredLogits
     from prunekit.search import explore
     from prunekit.targets import ExportContext, candidate_builder
 
-    start = time.perf_counter()
-    loaded = _load(model, quiet)
     dense = loaded.model  # never modified: each amount prunes a copy
-    timings["load"] = time.perf_counter() - start
     fit_ids, selection_ids = _calibrate(calibration, loaded.tokenizer, dense, quiet, timings)
 
     windows = evaluation.token_windows(loaded.tokenizer)
@@ -312,22 +317,18 @@ def _search_resident(model, profile, plan, calibration, evaluation, scratch: Pat
                     explored, builder, selection, result, export, shipped, pruned_torch, memory.as_dict())
 
 
-def _search_streamed(model, profile, plan, calibration, evaluation, scratch: Path, stage: Path, int8_flavour: str,
-                     memory, timings: dict, quiet: bool) -> Searched:
-    """One decoder block in memory (prunekit.search_streamed): the dense logits of the selection
-    tokens, the probe and every evaluation text come from one pass over the model's blocks; each
-    amount is pruned into a folder, its artifacts written from there and judged in ONNX Runtime
-    processes of their own (prunekit.targets.cpu_onnx_streamed)."""
+def _search_streamed(loaded, model, profile, plan, calibration, evaluation, scratch: Path, stage: Path,
+                     int8_flavour: str, memory, timings: dict, quiet: bool) -> Searched:
+    """One decoder block in memory (prunekit.search_streamed): ``loaded`` is the model opened
+    streamed (prunekit.models.open_streamed), ``model`` its path, opened afresh for each prune. The
+    dense logits of the selection tokens, the probe and every evaluation text come from one pass
+    over the model's blocks; each amount is pruned into a folder, its artifacts written from there
+    and judged in ONNX Runtime processes of their own (prunekit.targets.cpu_onnx_streamed)."""
     from prunekit.evaluation import StoredLogits
-    from prunekit.models import open_streamed
     from prunekit.pruning.blocks import StreamedLogits
     from prunekit.search_streamed import explore_streamed
     from prunekit.targets.cpu_onnx_streamed import StreamedOnnxCandidates
 
-    start = time.perf_counter()
-    say(f"opening {model or 'the embedded default model'} (streamed: one decoder block in memory at a time)", quiet)
-    loaded = open_streamed(model)
-    timings["load"] = time.perf_counter() - start
     fit_ids, selection_ids = _calibrate(calibration, loaded.tokenizer, None, quiet, timings)
     windows = evaluation.token_windows(loaded.tokenizer)
     probe = windows[0][0][:32]
@@ -352,25 +353,27 @@ def _search_streamed(model, profile, plan, calibration, evaluation, scratch: Pat
     start = time.perf_counter()
     if pruned is None:
         _copy_streamed(loaded, stage / "model")
-        shipped_model = loaded.model
+        shipped = None
     else:
         shutil.copytree(pruned.folder, stage / "model")
-        shipped_model = pruned.open().model
+        shipped = pruned.open()
     timings["save"] = time.perf_counter() - start
+    shipped_model = loaded.model if shipped is None else shipped.model
     export = _ship(builder, chosen, stage, None, timings)
 
     start = time.perf_counter()
-    shipped, pruned_torch = _quality_streamed(pruned, dense, export, evaluation, windows, scratch, quiet)
+    quality, pruned_torch = _quality_streamed(shipped, dense, export, evaluation, windows, scratch, quiet)
     timings["evaluate"] = time.perf_counter() - start
     return Searched(loaded.source, loaded.model.config, _parameters(loaded.model, shipped_model), fit_ids,
-                    selection_ids, explored, builder, selection, pruned and pruned.result, export, shipped,
+                    selection_ids, explored, builder, selection, pruned and pruned.result, export, quality,
                     pruned_torch, memory.as_dict())
 
 
 def _quality_streamed(pruned, dense, export, evaluation: Evaluation, windows: list, scratch: Path, quiet: bool):
     """``_quality`` for a streamed deploy, per evaluation text: the shipped artifact judged in an
-    ONNX Runtime process of its own, and (when an amount was pruned) the pruned model in torch,
-    block by block from its folder, against ``dense`` (prunekit.pruning.blocks.StreamedLogits)."""
+    ONNX Runtime process of its own, and (when an amount was pruned: ``pruned``, its folder opened
+    streamed) the pruned model in torch, block by block, against ``dense``
+    (prunekit.pruning.blocks.StreamedLogits)."""
     from prunekit.evaluation import StoredLogits
     from prunekit.exporters.onnx_judge import judge_in_subprocess
     from prunekit.pruning.blocks import StreamedLogits
@@ -379,8 +382,7 @@ def _quality_streamed(pruned, dense, export, evaluation: Evaluation, windows: li
         "own" + (", and the pruned model in torch, one block at a time)" if pruned else ")"), quiet)
     candidates = {}
     if pruned is not None:
-        opened = pruned.open()
-        candidates["torch"] = StreamedLogits(opened.model, opened.weights, windows)
+        candidates["torch"] = StreamedLogits(pruned.model, pruned.weights, windows)
     shipped, pruned_torch = [], []
     for text, text_windows_ in zip(evaluation.texts, windows):
         logits = scratch / "shipped-logits"

@@ -44,10 +44,11 @@ def timed_round(runner, prompt: np.ndarray, decode_tokens: int) -> tuple[float, 
 
 
 def round_robin(runners: list, rounds: int, prompt_tokens: int = 128, decode_tokens: int = 32,
-                seed: int = 0) -> tuple[list[list[float]], list[list[float]]]:
+                seed: int = 0, vocab: int | None = None) -> tuple[list[list[float]], list[list[float]]]:
     """Each runner in turn, round after round, on one random prompt; round 0 warms every session up
-    and is not kept. Per runner, per kept round: the prefill's seconds, and the median decode step's."""
-    vocab = runners[0].session.get_outputs()[0].shape[-1]
+    and is not kept. Per runner, per kept round: the prefill's seconds, and the median decode step's.
+    ``vocab`` (default: the first runner's ONNX output width) bounds the prompt's token ids."""
+    vocab = vocab or runners[0].session.get_outputs()[0].shape[-1]
     prompt = np.random.default_rng(seed).integers(3, vocab, size=(1, prompt_tokens))
     prefill, decode = [[] for _ in runners], [[] for _ in runners]
     for round_index in range(rounds + 1):
