@@ -2,9 +2,10 @@
 
     python bench/fetch_models.py
     python bench/deploy_memory.py [--models smollm2-135m qwen2.5-coder-1.5b] [--stream] \
-        [--out docs/results/deploy-memory.json] [-- extra deploy flags]
+        [--self-calibration] [--out docs/results/deploy-memory.json] [-- extra deploy flags]
 
-Each deploy is one subprocess (WikiText-2 validation calibration, the profile's search and budget),
+Each deploy is one subprocess (WikiText-2 validation calibration, or with ``--self-calibration`` no
+--calib at all: the profile's default, the model writing its own text; the profile's search and budget),
 its process tree's RSS sampled every 0.2 s (bench/deploy_cost.py): the deploy process, its ONNX
 Runtime judging processes and its latency processes together. A model whose in-memory deploy would
 not fit the machine is deployed streamed (prunekit.deploy_memory); ``--stream`` streams every one.
@@ -25,8 +26,9 @@ from fetch_models import MODELS, cache_dir  # noqa: E402
 from protocol import CALIB_FILE  # noqa: E402
 
 
-def row(key: str, model: str | None, work: Path, extra: list[str]) -> dict:
-    args = ["--target", "cpu-onnx", "--calib", str(CALIB_FILE), "--out", str(work / key), *extra]
+def row(key: str, model: str | None, work: Path, extra: list[str], self_calibration: bool = False) -> dict:
+    calib = [] if self_calibration else ["--calib", str(CALIB_FILE)]
+    args = ["--target", "cpu-onnx", *calib, "--out", str(work / key), *extra]
     run = run_deploy(args + (["--model", model] if model else []))
     report = json.loads((work / key / "report.json").read_text()) if (work / key / "report.json").is_file() else {}
     return {"model": key, **run, "memory": report.get("resources", {}).get("memory"),
@@ -52,6 +54,8 @@ def main() -> None:
     keys = ["smollm2-135m", *MODELS]
     parser.add_argument("--models", nargs="+", default=["smollm2-135m", "qwen2.5-coder-1.5b"], choices=keys)
     parser.add_argument("--stream", action="store_true", help="deploy every model streamed")
+    parser.add_argument("--self-calibration", action="store_true",
+                        help="no --calib: the profile's default, the model writing its own calibration text")
     parser.add_argument("--out", type=Path, default=Path("docs/results/deploy-memory.json"))
     parser.add_argument("extra", nargs="*", help="more deploy flags, after --")
     args = parser.parse_args()
@@ -59,9 +63,11 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="prunekit-deploy-memory-") as work:
         for key in args.models:
-            rows.append(row(key, model_path(key, cache), Path(work), ["--stream"] * args.stream + args.extra))
+            rows.append(row(key, model_path(key, cache), Path(work), ["--stream"] * args.stream + args.extra,
+                            args.self_calibration))
             print(table(rows).splitlines()[-1], flush=True)
-    args.out.write_text(json.dumps({"rows": rows, "table": table(rows)}, indent=2) + "\n")
+    calibration = "self (no --calib)" if args.self_calibration else str(CALIB_FILE)
+    args.out.write_text(json.dumps({"calibration": calibration, "rows": rows, "table": table(rows)}, indent=2) + "\n")
     print(table(rows))
 
 

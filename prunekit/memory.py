@@ -100,6 +100,20 @@ def streamed_prune_memory(config, method: str, samples: int, seqlen: int, batch:
                        activations=4 * samples * seqlen * hidden, batch=work, statistics=grams)
 
 
+def self_calibration_bytes(config, parameters: int, samples: int, seqlen: int, rows: int = 64) -> float:
+    """The peak of a streamed deploy's self-calibration (prunekit.weights.whole_model): the
+    process, the blocks in bfloat16, the head in float32, the KV cache of ``rows`` samples at a
+    time in bfloat16, and one step's float32 logits with their softmax and running sum."""
+    from prunekit.arch import attention_shape
+
+    _, kv_heads, head_dim = attention_shape(config)
+    rows = min(rows, samples)
+    head = config.vocab_size * config.hidden_size
+    blocks = parameters - (0 if getattr(config, "tie_word_embeddings", False) else head)  # untied: head apart
+    cache = 2 * 2 * config.num_hidden_layers * kv_heads * head_dim * rows * seqlen
+    return PROCESS_BYTES + 2 * blocks + 4 * head + cache + 3 * 4 * rows * config.vocab_size
+
+
 def calibration_batch(config, method: str, samples: int, seqlen: int, budget: int) -> tuple[int, PruneMemory]:
     """The largest calibration batch whose streamed prune fits ``budget`` bytes, and its estimate;
     a one-line error when not even a batch of one does."""

@@ -273,6 +273,25 @@ def _calibrate(calibration: Calibration, tokenizer, model, quiet: bool, timings:
     return selection_split(calib_ids)
 
 
+def _calibrate_streamed(loaded, calibration: Calibration, quiet: bool, timings: dict):
+    """Calibration of a streamed deploy: a text needs no model; the model writing its own text
+    needs every block at once, so it is read whole for that step only, blocks in bfloat16 and head
+    in float32 (prunekit.weights.whole_model), and freed: on Qwen2.5-Coder-1.5B (7.1 GB in float32)
+    that step peaked at 5.3 GB and wrote 64 x 256 tokens at 1.1 s a step (docs/memory.md)."""
+    if calibration.source != SELF_CALIBRATION:
+        return _calibrate(calibration, loaded.tokenizer, None, quiet, timings)
+    from prunekit.pruning.blocks import return_freed_memory
+    from prunekit.weights import whole_model
+
+    say("reading the whole model in bfloat16 for it to write its calibration text", quiet)
+    writer = whole_model(loaded.model.config, loaded.weights)
+    try:
+        return _calibrate(calibration, loaded.tokenizer, writer, quiet, timings)
+    finally:
+        del writer
+        return_freed_memory()
+
+
 def _search_resident(loaded, model, profile, plan, calibration, evaluation, scratch: Path, stage: Path,
                      int8_flavour: str, memory, timings: dict, quiet: bool) -> Searched:
     """The whole model in memory (``loaded``): each amount prunes a copy of the dense model."""
@@ -329,7 +348,7 @@ def _search_streamed(loaded, model, profile, plan, calibration, evaluation, scra
     from prunekit.search_streamed import explore_streamed
     from prunekit.targets.cpu_onnx_streamed import StreamedOnnxCandidates
 
-    fit_ids, selection_ids = _calibrate(calibration, loaded.tokenizer, None, quiet, timings)
+    fit_ids, selection_ids = _calibrate_streamed(loaded, calibration, quiet, timings)
     windows = evaluation.token_windows(loaded.tokenizer)
     probe = windows[0][0][:32]
 

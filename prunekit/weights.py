@@ -236,3 +236,30 @@ def empty_model(config, dtype: torch.dtype = torch.float32) -> nn.Module:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.tie_weights()  # a tied head counts once, as in a loaded model
     return model.eval()
+
+
+class Float32Head(nn.Module):
+    """An output head that computes in float32 from lower-precision hidden states: rounding the
+    logits to bfloat16 moves a logit of 20 by up to 0.08, which would reshape every sampling
+    distribution; the head is one product per step, the blocks keep their compact weights."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(hidden.float(), self.weight)
+
+
+def whole_model(config, weights: WeightSource, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """The whole model read from ``weights`` with its blocks in ``dtype`` and its head in float32
+    (Float32Head): for the one step of a streamed deploy that needs every block at once, the
+    model writing its own calibration text, in half the memory of float32."""
+    arch = architecture_for(config)
+    model = empty_model(config, dtype)
+    model.set_submodule(arch.head, nn.Identity())  # the head comes from the source below, in float32
+    for name, child in model.named_children():
+        weights.materialize(child, name, dtype)
+    model.set_submodule(arch.head, Float32Head(weights.get(f"{arch.head}.weight", torch.float32)))
+    return model.eval()
+

@@ -247,8 +247,6 @@ def test_streamed_deploy_judges_and_ships_like_the_in_memory_one(tiny_folder, tm
 
 
 def test_streamed_deploy_refusals_come_before_any_work(tiny_folder, tmp_path, capsys):
-    assert deploy_main(_args(tiny_folder, tmp_path / "a", "--stream")) == 2  # no --calib: self-calibration
-    assert "pass --calib FILE" in capsys.readouterr().err
     args = _args(tiny_folder, tmp_path / "b", "--stream", "--calib", "pydoc")
     args[1] = "coreml-iphone13"
     assert deploy_main(args) == 2
@@ -257,7 +255,22 @@ def test_streamed_deploy_refusals_come_before_any_work(tiny_folder, tmp_path, ca
     assert "raise --max-memory" in capsys.readouterr().err
     assert deploy_main(_args(tiny_folder, tmp_path / "c", "--stream", "--calib", "pydoc", "--int8-flavour", "qdq")) == 2
     assert "--int8-flavour qdq quantizes a whole model" in capsys.readouterr().err
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
+def test_streamed_deploy_without_calib_lets_the_model_write_its_text(tiny_folder, tmp_path):
+    """No --calib, streamed: the model is read whole in bfloat16 for the text it writes, then freed;
+    the same seed writes the same text (same mask hash twice), and the report says self."""
+    extra = ("--stream", "--max-ppl-increase", "50", "--precision", "int8", "--sparsity", "0.5")
+    hashes = []
+    for name in ("a", "b"):
+        assert deploy_main(_args(tiny_folder, tmp_path / name, *extra)) == 0
+        report = json.loads((tmp_path / name / "report.json").read_text())
+        validate_report(report)
+        assert report["calibration"]["source"] == "self" and report["resources"]["memory"]["streamed"]
+        assert report["resources"]["memory"]["self_calibration_estimate_gb"] > 0
+        hashes.append(report["mask_hash"])
+    assert hashes[0] == hashes[1]
 
 
 def test_latency_groups_hold_at_most_the_limit(tmp_path):

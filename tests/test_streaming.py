@@ -73,6 +73,52 @@ def test_streamed_source_refuses_a_checkpoint_missing_a_block(tokenizer, calib_i
               writer=ShardWriter(tmp_path / "out"))
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_whole_model_in_bfloat16_writes_like_the_float32_model(family, tokenizer, tmp_path):
+    """The model a streamed deploy reads whole to write its own calibration text: blocks in bfloat16,
+    head in float32 (tied or not), its next-token distributions those of the float32 model."""
+    from prunekit.weights import whole_model
+
+    dense = make_tiny(family, layers=2)
+    dense.save_pretrained(tmp_path / "dense")
+    tokenizer.save_pretrained(tmp_path / "dense")
+    opened = open_streamed(tmp_path / "dense")
+    writer = whole_model(opened.model.config, opened.weights)
+    assert writer.lm_head.weight.dtype == torch.float32 and writer.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    assert torch.equal(writer.lm_head.weight, dense.lm_head.weight)
+    ids = torch.arange(3, 40)[None]
+    with torch.no_grad():
+        written, reference = writer(ids).logits, dense(ids).logits
+    assert written.dtype == torch.float32
+    assert (written.argmax(-1) == reference.argmax(-1)).float().mean() >= 0.9  # random weights: near ties
+    kl = torch.nn.functional.kl_div(written.log_softmax(-1), reference.log_softmax(-1), log_target=True,
+                                    reduction="batchmean")
+    assert kl < 1e-3
+
+
+def test_self_calibration_memory_refuses_a_budget_it_cannot_fit():
+    """A streamed deploy with no --calib: the model writing its text in bfloat16 is estimated from
+    the config (Qwen2.5-Coder-1.5B's shape here, on the meta device) and refused past the budget."""
+    from transformers import Qwen2Config
+
+    from prunekit.deploy_memory import deploy_memory
+    from prunekit.errors import UserInputError
+    from prunekit.pipeline import Calibration
+    from prunekit.profile import load_profile
+    from prunekit.weights import empty_model
+
+    config = Qwen2Config(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                         num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True)
+    skeleton, profile = empty_model(config), load_profile("cpu-onnx")
+    calibration = Calibration("self", 64, 256, 0)
+    with pytest.raises(UserInputError, match="writing its own calibration text needs about 5.2 GB"):
+        deploy_memory(skeleton, profile, "fasp", calibration, max_memory=int(5e9))
+    memory = deploy_memory(skeleton, profile, "fasp", calibration, max_memory=int(9e9))
+    assert memory.streamed and 4.5e9 < memory.self_calibration_bytes < 5.5e9
+    assert deploy_memory(skeleton, profile, "fasp", Calibration("pydoc", 64, 256, 0),
+                         max_memory=int(9e9)).self_calibration_bytes == 0
+
+
 @pytest.mark.e2e
 def test_gguf_source_reads_the_tensors_transformers_loads():
     """Every tensor of the embedded default, read one at a time, equals transformers' whole-file load
