@@ -75,9 +75,11 @@ def run_deploy(args: list[str]) -> dict:
             "wall_seconds": run["wall_seconds"], "tree_peak_rss_gb": run["tree_peak_rss_gb"],
             "deploy_vmhwm_gb": report and report["resources"]["peak_rss_gb"],
             "shipped": report and report["search"]["selection"]["chosen"],
-            "candidates": report and [{k: c.get(k) for k in ("name", "status", "ppl_increase", "decode_ms",
-                                                             "prefill_ms", "bytes", "within_budget")}
+            "candidates": report and [{k: c.get(k) for k in ("name", "status", "ppl_increase", "ppl_increase_upper",
+                                                             "decode_ms", "prefill_ms", "bytes", "within_budget",
+                                                             "why", "misses")}
                                       for c in report["search"]["candidates"]],
+            "screen": report and report["search"].get("screen"),
             "shipped_quality": report and report["quality"], "stages": report and report.get("timings"), "stderr_tail": run["stderr"][-500:] if run["exit_code"] else ""}
 
 

@@ -1,8 +1,8 @@
-"""Peak memory and time of `prunekit deploy --target cpu-onnx` against model size, one run. Run it alone.
+"""Peak memory and time of `prunekit deploy` against model size, one run. Run it alone.
 
     python bench/fetch_models.py
-    python bench/deploy_memory.py [--models smollm2-135m qwen2.5-coder-1.5b] [--stream] \
-        [--self-calibration] [--out docs/results/deploy-memory.json] [-- extra deploy flags]
+    python bench/deploy_memory.py [--models smollm2-135m qwen2.5-coder-1.5b] [--target cpu-onnx] \
+        [--stream] [--self-calibration] [--out docs/results/deploy-memory.json] [-- extra deploy flags]
 
 Each deploy is one subprocess (WikiText-2 validation calibration, or with ``--self-calibration`` no
 --calib at all: the profile's default, the model writing its own text; the profile's search and budget),
@@ -26,12 +26,13 @@ from fetch_models import MODELS, cache_dir  # noqa: E402
 from protocol import CALIB_FILE  # noqa: E402
 
 
-def row(key: str, model: str | None, work: Path, extra: list[str], self_calibration: bool = False) -> dict:
+def row(key: str, model: str | None, work: Path, extra: list[str], self_calibration: bool = False,
+        target: str = "cpu-onnx") -> dict:
     calib = [] if self_calibration else ["--calib", str(CALIB_FILE)]
-    args = ["--target", "cpu-onnx", *calib, "--out", str(work / key), *extra]
+    args = ["--target", target, *calib, "--out", str(work / key), *extra]
     run = run_deploy(args + (["--model", model] if model else []))
     report = json.loads((work / key / "report.json").read_text()) if (work / key / "report.json").is_file() else {}
-    return {"model": key, **run, "memory": report.get("resources", {}).get("memory"),
+    return {"model": key, "target": target, **run, "memory": report.get("resources", {}).get("memory"),
             "parameters": report.get("parameters"), "quality": report.get("quality"),
             "timings": report.get("timings"), "checks": report.get("export", {}).get("checks")}
 
@@ -53,6 +54,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     keys = ["smollm2-135m", *MODELS]
     parser.add_argument("--models", nargs="+", default=["smollm2-135m", "qwen2.5-coder-1.5b"], choices=keys)
+    parser.add_argument("--target", default="cpu-onnx", help="the deploy target (default cpu-onnx)")
     parser.add_argument("--stream", action="store_true", help="deploy every model streamed")
     parser.add_argument("--self-calibration", action="store_true",
                         help="no --calib: the profile's default, the model writing its own calibration text")
@@ -64,7 +66,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="prunekit-deploy-memory-") as work:
         for key in args.models:
             rows.append(row(key, model_path(key, cache), Path(work), ["--stream"] * args.stream + args.extra,
-                            args.self_calibration))
+                            args.self_calibration, args.target))
             print(table(rows).splitlines()[-1], flush=True)
     calibration = "self (no --calib)" if args.self_calibration else str(CALIB_FILE)
     args.out.write_text(json.dumps({"calibration": calibration, "rows": rows, "table": table(rows)}, indent=2) + "\n")

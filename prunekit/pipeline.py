@@ -342,11 +342,12 @@ def _search_streamed(loaded, model, profile, plan, calibration, evaluation, scra
     streamed (prunekit.models.open_streamed), ``model`` its path, opened afresh for each prune. The
     dense logits of the selection tokens, the probe and every evaluation text come from one pass
     over the model's blocks; each amount is pruned into a folder, its artifacts written from there
-    and judged in ONNX Runtime processes of their own (prunekit.targets.cpu_onnx_streamed)."""
+    and judged in ONNX Runtime processes of their own (prunekit.targets.cpu_onnx_streamed,
+    prunekit.targets.tensorrt_streamed)."""
     from prunekit.evaluation import StoredLogits
     from prunekit.pruning.blocks import StreamedLogits
     from prunekit.search_streamed import explore_streamed
-    from prunekit.targets.cpu_onnx_streamed import StreamedOnnxCandidates
+    from prunekit.targets import streamed_candidate_builder
 
     fit_ids, selection_ids = _calibrate_streamed(loaded, calibration, quiet, timings)
     windows = evaluation.token_windows(loaded.tokenizer)
@@ -359,7 +360,7 @@ def _search_streamed(loaded, model, profile, plan, calibration, evaluation, scra
     reference = StoredLogits(dense, scratch / "dense-logits")
     timings["reference"] = time.perf_counter() - start
 
-    builder = StreamedOnnxCandidates(scratch, probe, quiet)
+    builder = streamed_candidate_builder(profile, plan, scratch, probe, fit_ids, loaded.model, quiet)
     explored = explore_streamed(model, loaded, plan, _grid(plan, profile, quiet), fit_ids, selection_ids, builder,
                                 calibration.source, scratch, probe, dense.logits_of(probe[None])[0], reference,
                                 memory.calibration_batch, screen=plan.search is not None, progress=not quiet)

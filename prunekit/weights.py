@@ -227,6 +227,32 @@ class ModuleWeights(WeightSource):
         return self._tensors[name].detach()
 
 
+class RoundedWeights(WeightSource):
+    """``source`` with its matrices (linear and embedding weights) as ``precision`` ships them
+    (prunekit.weight_rounding.round_tensor, what ``rounded_copy`` does to a model in memory): a
+    streamed model judged on the weights of an artifact this machine cannot run."""
+
+    def __init__(self, source: WeightSource, precision: str):
+        self.source, self.precision, self.config = source, precision, source.config
+
+    def names(self):
+        return self.source.names()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.source.shape(name)
+
+    def _rounded(self, tensor: torch.Tensor) -> torch.Tensor:
+        from prunekit.weight_rounding import round_tensor
+
+        return round_tensor(tensor, self.precision) if tensor.dim() == 2 else tensor
+
+    def _read(self, name: str) -> torch.Tensor:
+        return self._rounded(self.source._read(name))
+
+    def _read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self._rounded(self.source._read_rows(name, start, stop))
+
+
 def empty_model(config, dtype: torch.dtype = torch.float32) -> nn.Module:
     """The model's modules with parameters on the meta device (no memory) and real buffers."""
     from accelerate import init_empty_weights

@@ -37,6 +37,17 @@ def shape_spec(past_names: list[str], cache_dims: dict[str, tuple[int, int]], ba
     return ",".join(parts)
 
 
+def cache_inputs(path: Path) -> tuple[list[str], dict[str, tuple[int, int]]]:
+    """The KV-cache inputs of the ONNX file ``path`` and their (kv heads, head width), read from
+    the graph alone (not its weights: no session of a 7 GB file to learn a few names)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    past = [i for i in graph.input if i.name.startswith("past_key_values.")]
+    dims = {i.name: tuple(i.type.tensor_type.shape.dim[axis].dim_value for axis in (1, 3)) for i in past}
+    return [i.name for i in past], dims
+
+
 def write_build_script(folder: Path, onnx_name: str, past_names: list[str], cache_dims: dict, device: str,
                        int8: bool, max_batch: int = 8, max_length: int = 2048) -> Path:
     spec = lambda b, n, p: shape_spec(past_names, cache_dims, b, n, p)  # noqa: E731

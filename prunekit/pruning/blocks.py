@@ -176,3 +176,13 @@ class StreamedLogits:
 
     def __call__(self, window: torch.Tensor) -> torch.Tensor:
         return self.logits_of(window[None])[0, :-1]
+
+    @torch.no_grad()
+    def head_input(self, group: int) -> torch.Tensor:
+        """The final norm's output over a group's windows: what the head multiplies."""
+        name = self.blocks.arch.final_norm
+        norm = self.blocks.weights.materialize(self.blocks.model.get_submodule(name), name)
+        try:
+            return norm(self.hidden[group])
+        finally:
+            norm.to("meta")

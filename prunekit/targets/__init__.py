@@ -92,6 +92,20 @@ def candidate_builder(profile: Profile, scratch: Path, probe, quiet: bool = Fals
     return EstimatedCandidates(profile, BACKENDS[profile.runtime], quiet, judges)
 
 
+def streamed_candidate_builder(profile: Profile, plan: Plan, scratch: Path, probe, calibration: list, dense,
+                               quiet: bool = False):
+    """``candidate_builder`` for a streamed deploy (no model in memory; prunekit.deploy_memory
+    refuses the runtimes that have none): cpu-onnx, or the TensorRT targets."""
+    if profile.runtime == "tensorrt":
+        from prunekit.targets.cpu_onnx import QDQ_WINDOWS
+        from prunekit.targets.tensorrt_streamed import StreamedTensorrtCandidates
+
+        return StreamedTensorrtCandidates(profile, plan, scratch, probe, calibration[:QDQ_WINDOWS], dense, quiet)
+    from prunekit.targets.cpu_onnx_streamed import StreamedOnnxCandidates
+
+    return StreamedOnnxCandidates(scratch, probe, quiet)
+
+
 def export_for(runtime: str, context: ExportContext) -> ExportOutcome:
     backend = BACKENDS.get(runtime)
     if backend is None:

@@ -36,14 +36,7 @@ class EstimatedCandidates:
         self.timings: dict[str, float] = defaultdict(float)
         self.int4_comparison: list[dict] = []
 
-    def _peak(self, precision: str) -> float:
-        rates = self.profile.peak_tflops
-        return rates.get(precision, rates["fp16"])  # 4-bit and palettized weights compute in fp16
-
     def build(self, model, amount: float, precisions: tuple[str, ...], windows, dense) -> list[Candidate]:
-        """Sparse tensor cores (a TensorRT profile): the GEMMs that hold 2:4 are stored compressed
-        and their share of the linear FLOPs runs ``sparse_gemm_speedup`` faster, counted per layer
-        (a subset of blocks may be kept dense); the dense peak is the base rate."""
         start = time.perf_counter()
         out = []
         sparse_weights = sparse_gemm_weights(model) if amount > 0 and self.profile.sparse_tensor_cores else 0
@@ -55,15 +48,8 @@ class EstimatedCandidates:
             else:
                 say(f"judging {precision} weights at amount {amount:g} in torch", self.quiet)
                 q, quality_by = measure_quality(rounded_copy(model, precision), windows, dense), QUALITY_BY
-            size = sparse_stored_bytes(model, precision, sparse_weights)
-            estimate = estimate_latency(cost, size, self._peak(precision), self.profile.memory_bandwidth_gbs,
-                                        gemm_speedup=self.profile.sparse_gemm_speedup if sparse_weights else 1.0,
-                                        sparse_flops_per_token=2 * sparse_weights)
-            out.append(Candidate(amount, precision, ppl_increase=q.increase_pct,
-                                 ppl_increase_upper=q.increase_upper_pct, kl=q.kl, top1=q.top1,
-                                 quality_by=quality_by, decode_ms=estimate["decode_ms"],
-                                 prefill_ms=estimate["prefill_ms"], latency_basis="estimated", bytes=size,
-                                 size_basis="computed", extra={"estimate": estimate}))
+            out.append(estimated_candidate(self.profile, model, cost, amount, precision, q, quality_by,
+                                           sparse_weights))
         self.models[amount] = model
         self.timings["judge"] += time.perf_counter() - start
         return out
@@ -73,3 +59,22 @@ class EstimatedCandidates:
 
     def ship(self, chosen: Candidate, stage: Path, context) -> ExportOutcome:
         return self._ship(context)
+
+
+def estimated_candidate(profile, model, cost, amount: float, precision: str, quality, quality_by: str,
+                        sparse_weights: int) -> Candidate:
+    """A candidate judged by ``quality`` whose size is computed and whose latency is the profile's
+    roofline. Sparse tensor cores (a TensorRT profile): the GEMMs that hold 2:4
+    (``sparse_weights`` of them) are stored compressed and their share of the linear FLOPs runs
+    ``sparse_gemm_speedup`` faster, counted per layer (a subset of blocks may be kept dense); the
+    dense peak is the base rate. ``model`` may be a skeleton: only shapes are read."""
+    rates = profile.peak_tflops
+    peak = rates.get(precision, rates["fp16"])  # 4-bit and palettized weights compute in fp16
+    size = sparse_stored_bytes(model, precision, sparse_weights)
+    estimate = estimate_latency(cost, size, peak, profile.memory_bandwidth_gbs,
+                                gemm_speedup=profile.sparse_gemm_speedup if sparse_weights else 1.0,
+                                sparse_flops_per_token=2 * sparse_weights)
+    return Candidate(amount, precision, ppl_increase=quality.increase_pct,
+                     ppl_increase_upper=quality.increase_upper_pct, kl=quality.kl, top1=quality.top1,
+                     quality_by=quality_by, decode_ms=estimate["decode_ms"], prefill_ms=estimate["prefill_ms"],
+                     latency_basis="estimated", bytes=size, size_basis="computed", extra={"estimate": estimate})

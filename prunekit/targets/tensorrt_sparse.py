@@ -11,22 +11,33 @@ from pathlib import Path
 
 from prunekit.errors import PrunekitError
 from prunekit.estimate import estimate_latency, model_cost, sparse_gemm_weights, sparse_stored_bytes
-from prunekit.exporters.onnx import OnnxDecoder, export_verified, quantize_int8
+from prunekit.exporters.onnx import OnnxDecoder, require_verified
 from prunekit.exporters.onnx_sparsity import gemm_weights, nm_report
-from prunekit.exporters.tensorrt import build_engine, tensorrt_available, write_build_script
+from prunekit.exporters.tensorrt import build_engine, cache_inputs, tensorrt_available, write_build_script
 from prunekit.progress import say
 from prunekit.targets import ExportContext, ExportOutcome
 from prunekit.weight_rounding import stored_bytes
 
+SHIPPED_RUNTIME = "onnxruntime CPU (the ONNX the TensorRT engine is built from)"
+
 
 def export_for_tensorrt(model, folder: Path, probe, int8: bool, calibration: list) -> tuple[Path, Path, dict]:
     """The ONNX TensorRT builds from: plain opset-20 ops (TensorRT parses them; the 2:4 check names
-    each GEMM), verified against PyTorch; with ``int8``, explicit QDQ calibrated on ``calibration``.
-    Returns (the file to ship, the fp32 file, the export check)."""
-    fp32, check = export_verified(model, folder / "fp32" / "model.onnx", probe, fused=False)
+    each GEMM), verified against PyTorch; with ``int8``, the same trace with explicit QDQ on the
+    projections, calibrated on ``calibration`` (prunekit.exporters.qdq_streamed, as a streamed
+    deploy writes it). Returns (the file to ship, the fp32 file, the export check)."""
+    from prunekit.exporters.onnx_streamed import save_streamed, streamed_graph
+    from prunekit.exporters.qdq_streamed import as_qdq, linear_input_ranges
+    from prunekit.weights import ModuleWeights
+
+    trace = streamed_graph(model, ModuleWeights(model), fused=False)
+    qdq = trace.clone() if int8 else None
+    fp32 = save_streamed(trace, folder / "fp32" / "model.onnx")
+    check = require_verified(fp32, model, probe)
     if not int8:
         return fp32, fp32, check
-    return quantize_int8(fp32, folder / "qdq" / "model.onnx", "qdq", calibration=calibration), fp32, check
+    as_qdq(qdq, linear_input_ranges(model, None, calibration))
+    return save_streamed(qdq, folder / "qdq" / "model.onnx"), fp32, check
 
 
 class QdqJudge:
@@ -79,30 +90,42 @@ def build(context: ExportContext) -> ExportOutcome:
                 checks["nm_after_int8"] = nm_report(gemm_weights(shipped), *n_m, skip=dense_blocks)
         for file in shipped.parent.iterdir():
             shutil.copy2(file, target / file.name)
+    raise_on_broken_pattern(plan, checks)
+    sparse_weights = sparse_gemm_weights(pruned, n_m) if n_m == (2, 4) and profile.sparse_tensor_cores else 0
+    return ship_for_tensorrt(profile, plan, stage, pruned, context.dense, sparse_weights, checks, timings, quiet)
+
+
+def raise_on_broken_pattern(plan, checks: dict) -> None:
     for key in ("nm_after_export", "nm_after_int8"):
         if key in checks and not checks[key]["passed"]:
             raise PrunekitError(f"{plan.pattern} broke in {key.replace('_', ' ')}: {checks[key]['failing'][:5]}")
-    runner = OnnxDecoder(target / "model.onnx")
-    cache_dims = {i.name: (i.shape[1], i.shape[3]) for i in runner.session.get_inputs() if i.name in runner.past_names}
-    write_build_script(stage, "onnx/model.onnx", runner.past_names, cache_dims, profile.device_name, int8)
-    del runner
+
+
+def ship_for_tensorrt(profile, plan, stage: Path, pruned, dense, sparse_weights: int, checks: dict,
+                      timings: dict, quiet: bool) -> ExportOutcome:
+    """What follows the ONNX in ``stage``/onnx, for a model in memory or streamed (``pruned`` and
+    ``dense`` may be skeletons: only shapes are read): the build script, the engine where TensorRT
+    and a GPU exist, and the latency estimates of dense and pruned at batch 1 and 8, labelled so.
+    ``sparse_weights``: the pruned GEMMs' weights that hold 2:4 (stored compressed, run faster)."""
+    int8 = plan.precision == "int8"
+    target = stage / "onnx"
+    past_names, cache_dims = cache_inputs(target / "model.onnx")
+    write_build_script(stage, "onnx/model.onnx", past_names, cache_dims, profile.device_name, int8)
 
     ok, why = tensorrt_available()
     if ok:
         start = time.perf_counter()
         say("building the TensorRT engine with sparse weights", quiet)
-        checks["engine"] = build_engine(target / "model.onnx", stage / "model.engine", list(cache_dims),
-                                        cache_dims, int8)
+        checks["engine"] = build_engine(target / "model.onnx", stage / "model.engine", past_names, cache_dims, int8)
         timings["engine"] = time.perf_counter() - start
     else:
         checks["engine"] = {"built": False, "reason": f"{why}: run build_engine.sh on the target machine"}
         print(f"note: no TensorRT engine here ({why}); wrote onnx/ and build_engine.sh", file=sys.stderr)
 
     precision = "int8" if int8 else "fp16"
-    dense, cost = context.dense, model_cost(pruned)
+    cost = model_cost(pruned)
     # the GEMMs that hold 2:4 are stored compressed and run faster, per layer (blocks kept dense
     # stay dense); embeddings, lm_head and norms stay dense
-    sparse_weights = sparse_gemm_weights(pruned, n_m) if n_m == (2, 4) and profile.sparse_tensor_cores else 0
     stored = sparse_stored_bytes(pruned, precision, sparse_weights)
     speedup = profile.sparse_gemm_speedup if sparse_weights else 1.0
     if dense is not None:
@@ -125,5 +148,4 @@ def build(context: ExportContext) -> ExportOutcome:
                "formula": variants[-1]["formula"]}
     status_reason = None if ok else f"ONNX and build script written; engine not built: {why}"
     return ExportOutcome("written", status_reason, variants, latency, checks, timings,
-                         shipped_onnx=target / "model.onnx",
-                         shipped_runtime="onnxruntime CPU (the ONNX the TensorRT engine is built from)")
+                         shipped_onnx=target / "model.onnx", shipped_runtime=SHIPPED_RUNTIME)
