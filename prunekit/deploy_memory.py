@@ -33,7 +33,6 @@ class DeployMemory:
     reason: str
     self_calibration_bytes: float = 0.0  # streamed: the estimate of the model writing its own text
 
-
     def as_dict(self) -> dict:
         return {"streamed": self.streamed, "budget_gb": round(self.budget / GB, 2),
                 "float32_gb": round(self.float32_bytes / GB, 3),
@@ -48,7 +47,8 @@ def deploy_memory(skeleton, profile, method: str, calibration, max_memory: int |
     otherwise, refused in one line when the target's converter needs the whole model (Core ML),
     when the model writing its own calibration text (in bfloat16, prunekit.weights.whole_model)
     would not fit, when cpu-onnx's INT8 flavour calibrates or rewrites a whole model, or when the
-    budget cannot hold one block's prune or the largest ONNX Runtime session. ``skeleton``: the model without weights (prunekit.models.open_streamed)."""
+    budget cannot hold one block's prune or the largest ONNX Runtime session. ``skeleton``: the
+    model without weights (prunekit.models.open_streamed)."""
     budget = max_memory or machine_bytes()
     config, weights = skeleton.config, 4 * sum(p.numel() for p in skeleton.parameters())
     in_memory = PROCESS_BYTES + IN_MEMORY_COPIES * weights

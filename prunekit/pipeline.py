@@ -277,7 +277,7 @@ def _calibrate_streamed(loaded, calibration: Calibration, quiet: bool, timings: 
     """Calibration of a streamed deploy: a text needs no model; the model writing its own text
     needs every block at once, so it is read whole for that step only, blocks in bfloat16 and head
     in float32 (prunekit.weights.whole_model), and freed: on Qwen2.5-Coder-1.5B (7.1 GB in float32)
-    that step peaked at 5.3 GB and wrote 64 x 256 tokens at 1.1 s a step (docs/memory.md)."""
+    that step peaked at 5.65 GB and wrote 64 x 256 tokens in 360 s (docs/memory.md)."""
     if calibration.source != SELF_CALIBRATION:
         return _calibrate(calibration, loaded.tokenizer, None, quiet, timings)
     from prunekit.pruning.blocks import return_freed_memory

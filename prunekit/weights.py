@@ -280,7 +280,7 @@ class Float32Head(nn.Module):
 def whole_model(config, weights: WeightSource, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
     """The whole model read from ``weights`` with its blocks in ``dtype`` and its head in float32
     (Float32Head): for the one step of a streamed deploy that needs every block at once, the
-    model writing its own calibration text, in half the memory of float32."""
+    model writing its own calibration text, in about half the memory of float32."""
     arch = architecture_for(config)
     model = empty_model(config, dtype)
     model.set_submodule(arch.head, nn.Identity())  # the head comes from the source below, in float32

@@ -92,10 +92,11 @@ def candidate_builder(profile: Profile, scratch: Path, probe, quiet: bool = Fals
     return EstimatedCandidates(profile, BACKENDS[profile.runtime], quiet, judges)
 
 
-def streamed_candidate_builder(profile: Profile, plan: Plan, scratch: Path, probe, calibration: list, dense,
-                               quiet: bool = False):
+def streamed_candidate_builder(profile: Profile, plan: Plan, scratch: Path, probe, calibration: torch.Tensor,
+                               dense, quiet: bool = False):
     """``candidate_builder`` for a streamed deploy (no model in memory; prunekit.deploy_memory
-    refuses the runtimes that have none): cpu-onnx, or the TensorRT targets."""
+    refuses the runtimes that have none): cpu-onnx, or the TensorRT targets, whose static INT8 is
+    calibrated on the first windows of ``calibration``; ``dense``: the dense model's skeleton."""
     if profile.runtime == "tensorrt":
         from prunekit.targets.cpu_onnx import QDQ_WINDOWS
         from prunekit.targets.tensorrt_streamed import StreamedTensorrtCandidates
