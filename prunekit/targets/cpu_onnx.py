@@ -84,7 +84,6 @@ def copy_artifact(source: Path, stage: Path) -> Path:
 class OnnxCandidates:
     """Builds, judges and times cpu-onnx candidates in ``scratch``; ships the chosen one."""
 
-
     def __init__(self, scratch: Path, probe, quiet: bool = False, int8_flavour: str = "weight-only",
                  calibration: list | None = None):
         self.scratch, self.probe, self.quiet = Path(scratch), probe, quiet

@@ -25,7 +25,6 @@ QUALITY_BY = "torch, on the weights the precision ships (runtime not available h
 
 
 class EstimatedCandidates:
-    latency_basis = "estimated"
 
     def __init__(self, profile, ship: Callable, quiet: bool = False, judges: dict | None = None):
         """``judges``: precision -> an object whose ``quality(model, amount, windows, dense)`` judges

@@ -16,6 +16,7 @@ from prunekit.exporters.onnx_sparsity import gemm_weights, nm_report
 from prunekit.exporters.tensorrt import build_engine, cache_inputs, tensorrt_available, write_build_script
 from prunekit.progress import say
 from prunekit.targets import ExportContext, ExportOutcome
+from prunekit.targets.cpu_onnx import copy_artifact
 from prunekit.weight_rounding import stored_bytes
 
 SHIPPED_RUNTIME = "onnxruntime CPU (the ONNX the TensorRT engine is built from)"
@@ -74,8 +75,6 @@ def build(context: ExportContext) -> ExportOutcome:
     n_m = plan.pattern.n_m if plan.sparsity > 0 else None  # the dense model shipped: no pattern to check
     timings, checks = {}, {}
     dense_blocks = tuple(f"layers.{i}." for i in context.dense_blocks)  # not pruned: not checked for N:M
-    target = stage / "onnx"
-    target.mkdir()
     with tempfile.TemporaryDirectory(prefix="prunekit-trt-") as scratch:
         start = time.perf_counter()
         say("exporting the pruned model to ONNX", quiet)
@@ -88,8 +87,7 @@ def build(context: ExportContext) -> ExportOutcome:
             checks["nm_after_export"] = nm_report(gemm_weights(fp32), *n_m, skip=dense_blocks)
             if int8:
                 checks["nm_after_int8"] = nm_report(gemm_weights(shipped), *n_m, skip=dense_blocks)
-        for file in shipped.parent.iterdir():
-            shutil.copy2(file, target / file.name)
+        copy_artifact(shipped, stage)
     raise_on_broken_pattern(plan, checks)
     sparse_weights = sparse_gemm_weights(pruned, n_m) if n_m == (2, 4) and profile.sparse_tensor_cores else 0
     return ship_for_tensorrt(profile, plan, stage, pruned, context.dense, sparse_weights, checks, timings, quiet)

@@ -37,7 +37,6 @@ class StreamedTensorrtCandidates:
     one. ``calibration``: the windows static INT8 is calibrated on; ``dense``: the dense model's
     skeleton (its estimates sit beside the shipped one's)."""
 
-    latency_basis = "estimated"
     int4_comparison = None  # no 4-bit candidates
 
     def __init__(self, profile, plan, scratch: Path, probe, calibration, dense, quiet: bool = False):
@@ -77,11 +76,9 @@ class StreamedTensorrtCandidates:
             "streamed": True, "judge_peak_rss_gb": judged["peak_rss_gb"]}
         shutil.rmtree(logits)
         self.paths[(amount, "fp32")] = fp32
-        sparse_weights = 0
         if amount > 0 and self.plan.pattern.n_m:
             self.patterns[amount] = nm_report(iter_gemm_weights(fp32), *self.plan.pattern.n_m)
-            if self.plan.pattern.n_m == (2, 4) and self.profile.sparse_tensor_cores:
-                sparse_weights = patterned_weights(self.patterns[amount])
+        sparse_weights = self._sparse_weights(amount)
         self.timings["judge"] += time.perf_counter() - start
 
         out, cost = [], model_cost(loaded.model)
@@ -99,6 +96,13 @@ class StreamedTensorrtCandidates:
                                            sparse_weights))
         self.models[amount] = loaded.model
         return out
+
+    def _sparse_weights(self, amount: float) -> int:
+        """The weights sparse tensor cores run compressed at ``amount``: its GEMMs that keep 2:4 in
+        its float file (0 without a 2:4 check, or on a device without sparse tensor cores)."""
+        if amount not in self.patterns or self.plan.pattern.n_m != (2, 4) or not self.profile.sparse_tensor_cores:
+            return 0
+        return patterned_weights(self.patterns[amount])
 
     def _qdq_quality(self, trace, loaded, amount: float, folder: Path, windows, reference):
         """The INT8 QDQ file of ``trace`` written and judged in ONNX Runtime (a process of its own)."""
@@ -130,10 +134,8 @@ class StreamedTensorrtCandidates:
             if int8:
                 checks["nm_after_int8"] = nm_report(iter_gemm_weights(path), *self.plan.pattern.n_m)
         raise_on_broken_pattern(self.plan, checks)
-        sparse_weights = patterned_weights(self.patterns[amount]) if (
-            amount in self.patterns and self.plan.pattern.n_m == (2, 4) and self.profile.sparse_tensor_cores) else 0
         checks["shipped"] = {"streamed": True, "verified_export": checks["onnx"]["passed"],
                              "kv_cache_io": checks["onnx"]["kv_cache_io"]}
         timings = {**self.timings, "copy": time.perf_counter() - start}
-        return ship_for_tensorrt(self.profile, self.plan, stage, self.models[amount], self.dense, sparse_weights,
-                                 checks, timings, self.quiet)
+        return ship_for_tensorrt(self.profile, self.plan, stage, self.models[amount], self.dense,
+                                 self._sparse_weights(amount), checks, timings, self.quiet)
