@@ -1,6 +1,7 @@
 """The fixed benchmark protocol every quality figure in the docs comes from.
 
-Calibration: 128 samples x 512 tokens of WikiText-2 validation, seed 0. Evaluation: WikiText-2 raw
+Calibration: 128 samples x 512 tokens of WikiText-2 validation, seed 0 (a row with "own" adds that
+many samples of 512 tokens the model writes itself, as admm does by default). Evaluation: WikiText-2 raw
 test, windows of 1024 tokens, the first 40; plus Python's own documentation text (pydoc_data), which
 is not WikiText, so a method that only fits the calibration domain shows it. Each row runs in its
 own process so its peak RSS is its own.
@@ -51,13 +52,19 @@ def run_row(spec: dict) -> dict:
     if spec["method"] == "dense":
         ids = calibration_ids(str(CALIB_FILE), loaded.tokenizer, CALIB_SAMPLES, CALIB_SEQLEN, SEED)
         row["dense_forward_seconds"] = dense_forward_seconds(loaded.model, ids)
+        for own in spec.get("own_forwards", ()):  # the yardstick over a row's own-text-mixed calibration tokens
+            mixed = calibration_ids(str(CALIB_FILE), loaded.tokenizer, CALIB_SAMPLES, CALIB_SEQLEN, SEED,
+                                    model=loaded.model, progress=False, own=own)
+            row.setdefault("dense_forward_seconds_own", {})[str(own)] = dense_forward_seconds(loaded.model, mixed)
         row["peak_rss_gb"] = peak_rss_gb()
         dense, model = None, loaded.model
         row["parameters"] = loaded.num_parameters()
     else:
         dense = copy.deepcopy(loaded.model)
         start = time.perf_counter()
-        ids = calibration_ids(str(CALIB_FILE), loaded.tokenizer, CALIB_SAMPLES, CALIB_SEQLEN, SEED)
+        own = spec.get("own", 0)  # the model's own samples mixed in (prunekit.calibration.mix_own_text)
+        ids = calibration_ids(str(CALIB_FILE), loaded.tokenizer, CALIB_SAMPLES, CALIB_SEQLEN, SEED,
+                              model=loaded.model, progress=False, own=own)
         options = spec.get("options", {})
         pruner = None
         if spec.get("fasp_variant"):
@@ -65,7 +72,7 @@ def run_row(spec: dict) -> dict:
 
             pruner, options = build(spec["fasp_variant"], spec["sparsity"], **options), {}
         result = prune(loaded, spec["method"], spec["sparsity"], spec["pattern"], calib_ids=ids,
-                       progress=False, pruner=pruner, **options)
+                       calib_own=own, progress=False, pruner=pruner, **options)
         row["prune_seconds"] = time.perf_counter() - start  # calibration data included
         row["peak_rss_gb"] = peak_rss_gb()  # the dense copy for evaluation is included: ~0.54 GB
         row["mask_hash"] = result.mask_hash

@@ -62,11 +62,13 @@ def deploy_memory(skeleton, profile, method: str, calibration, max_memory: int |
                              f"({profile.runtime}): deploy streamed only to cpu-onnx or a TensorRT target, "
                              f"or raise --max-memory")
     writing = 0.0
-    if calibration.source == "self":
-        writing = self_calibration_bytes(config, weights // 4, calibration.samples, calibration.seqlen)
+    if calibration.needs_model:
+        written = calibration.own or calibration.samples
+        writing = self_calibration_bytes(config, weights // 4, written, calibration.seqlen)
         if writing > budget:
+            instead = "--calib-own 0" if calibration.own else "--calib FILE"
             raise UserInputError(f"{why}; the model writing its own calibration text needs about "
-                                 f"{writing / GB:.1f} GB (its blocks in bfloat16): pass --calib FILE, "
+                                 f"{writing / GB:.1f} GB (its blocks in bfloat16): pass {instead}, "
                                  f"or raise --max-memory")
     if profile.runtime == "onnxruntime" and int8_flavour != "weight-only":
         raise UserInputError(f"{why}; a streamed deploy writes INT8 weight-only (MatMulNBits, a tensor at a time), "
@@ -75,7 +77,7 @@ def deploy_memory(skeleton, profile, method: str, calibration, max_memory: int |
     if session > budget:
         raise UserInputError(f"{why}; even streamed, ONNX Runtime's session of the float32 artifact needs about "
                              f"{session / GB:.1f} GB: raise --max-memory")
-    batch, _ = calibration_batch(config, method, calibration.samples, calibration.seqlen, budget)
+    batch, _ = calibration_batch(config, method, calibration.samples + calibration.own, calibration.seqlen, budget)
     return DeployMemory(True, budget, weights, in_memory, batch,
                         f"deploying streamed (one decoder block in memory): {why}", writing)
 

@@ -26,6 +26,7 @@ from prunekit.pattern import Pattern
 from prunekit.plan import Budget, Plan, dense_precision, make_plan, plan_for_folder
 from prunekit.profile import load_profile
 from prunekit.progress import quiet_libraries, say
+from prunekit.pruning.registry import method as method_entry
 from prunekit.textsources import check_source
 
 SELF_CALIBRATION = "self"
@@ -48,11 +49,19 @@ class Calibration:
     samples: int
     seqlen: int
     seed: int = 0
+    own: int = 0  # samples the model writes itself, mixed in among a text's (prunekit.calibration.mix_own_text)
+
+    @property
+    def needs_model(self) -> bool:
+        """Whether calibrating generates text with the whole model."""
+        return self.source == SELF_CALIBRATION or self.own > 0
 
     def check(self) -> "Calibration":
         if self.samples < 1 or self.seqlen < 2:
             raise UserInputError(f"calibration needs at least 1 sample of 2 tokens, got {self.samples} x "
                                  f"{self.seqlen}: raise --calib-samples / --calib-seqlen")
+        if self.own < 0:
+            raise UserInputError(f"--calib-own {self.own} is not valid: use a count >= 0 (0: the text alone)")
         if not 0 <= self.seed <= MAX_SEED:
             raise UserInputError(f"--seed {self.seed} is out of range: use an integer in [0, 2^63 - 1]")
         check_source(self.source, "calibration")
@@ -104,6 +113,9 @@ def _announce_self_calibration(calibration: Calibration, quiet: bool) -> None:
         say(f"no --calib: the model writes its own calibration text ({calibration.samples} x "
             f"{calibration.seqlen} tokens, minutes on a CPU); pass --calib FILE for in-domain text "
             f"(better quality, faster)", quiet)
+    elif calibration.own:
+        say(f"the model writes {calibration.own} x {calibration.seqlen} tokens of its own to mix into the "
+            f"calibration text, so the refit holds on other text (--calib-own 0: the text alone)", quiet)
 
 
 def _load(model: str | None, quiet: bool):
@@ -140,7 +152,7 @@ def deploy(target: str, model: str | None = None, out: str | Path | None = None,
            eval_seqlen: int = 512, eval_windows: int | None = 16, max_ppl_increase: float | None = None,
            max_kl: float | None = None, max_latency_ms: float | None = None, max_size_mb: float | None = None,
            granularity: str = "channels", int8_flavour: str = "weight-only", quiet: bool = False,
-           max_memory: int | None = None, stream: bool = False) -> DeployResult:
+           max_memory: int | None = None, stream: bool = False, calib_own: int | None = None) -> DeployResult:
     """Run the whole job; raises QualityGateFailed (exit 3) after writing everything if the shipped
     artifact misses the budget (nothing within it: the closest candidate ships). A model whose
     in-memory deploy would not fit ``max_memory`` bytes (default: the machine's memory) is deployed
@@ -161,8 +173,9 @@ def deploy(target: str, model: str | None = None, out: str | Path | None = None,
     for warning in plan.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     out = Path(out or f"prunekit-out/{profile.name}")
-    calibration = Calibration(calib or profile.default_calib, calib_samples or profile.default_calib_samples,
-                              calib_seqlen or profile.default_calib_seqlen, seed).check()
+    source, samples = calib or profile.default_calib, calib_samples or profile.default_calib_samples
+    calibration = Calibration(source, samples, calib_seqlen or profile.default_calib_seqlen, seed,
+                              method_entry(plan.method).own_samples(samples, source, calib_own)).check()
     if calibration.samples < 4:
         raise UserInputError(f"deploy holds calibration samples out to judge candidates: use --calib-samples "
                              f">= 4 (got {calibration.samples})")
@@ -195,7 +208,8 @@ def deploy(target: str, model: str | None = None, out: str | Path | None = None,
             "method": plan.method if chosen.amount > 0 else "none", "pattern": str(plan.pattern),
             "sparsity": plan.sparsity, "precision": plan.precision, "parameters": found.parameters,
             "calibration": {"source": calibration.source, "samples": int(found.fit_ids.shape[0]),
-                            "seqlen": calibration.seqlen, "selection_samples": int(selection_ids.shape[0])},
+                            "seqlen": calibration.seqlen, "own_samples": calibration.own,
+                            "selection_samples": int(selection_ids.shape[0])},
             "seed": seed, "mask_hash": result.mask_hash if result is not None else None,
             "pruning": ({"check": result.check, **{k: v for k, v in result.details.items() if k != "structure"}}
                         if result is not None else {"check": None, "note": "no pruning was chosen"}),
@@ -268,25 +282,38 @@ def _calibrate(calibration: Calibration, tokenizer, model, quiet: bool, timings:
     start = time.perf_counter()
     calib_ids = calibration_ids(calibration.source, tokenizer, calibration.samples, calibration.seqlen,
                                 calibration.seed, model=model, progress=not quiet,
-                                held_out=selection_count(calibration.samples))
+                                held_out=selection_count(calibration.samples), own=calibration.own)
     timings["calibrate"] = time.perf_counter() - start
-    return selection_split(calib_ids)
+    return selection_split(calib_ids, calibration.samples)
 
 
 def _calibrate_streamed(loaded, calibration: Calibration, quiet: bool, timings: dict):
     """Calibration of a streamed deploy: a text needs no model; the model writing its own text
-    needs every block at once, so it is read whole for that step only, blocks in bfloat16 and head
-    in float32 (prunekit.weights.whole_model), and freed: on Qwen2.5-Coder-1.5B (7.1 GB in float32)
-    that step peaked at 5.65 GB and wrote 64 x 256 tokens in 360 s (docs/memory.md)."""
-    if calibration.source != SELF_CALIBRATION:
+    (all of it, or some to mix in) needs every block at once, so it is read whole for that step
+    only, blocks in bfloat16 and head in float32 (prunekit.weights.whole_model), and freed: on
+    Qwen2.5-Coder-1.5B (7.1 GB in float32) that step peaked at 5.65 GB and wrote 64 x 256 tokens
+    in 360 s (docs/memory.md)."""
+    if not calibration.needs_model:
         return _calibrate(calibration, loaded.tokenizer, None, quiet, timings)
+    with _own_text_writer(loaded, quiet) as writer:
+        return _calibrate(calibration, loaded.tokenizer, writer, quiet, timings)
+
+
+@contextlib.contextmanager
+def _own_text_writer(loaded, quiet: bool):
+    """The model that writes calibration text: ``loaded.model`` when it is in memory; a streamed
+    one read whole for the step, blocks in bfloat16 and head in float32
+    (prunekit.weights.whole_model), and freed after it."""
+    if not loaded.streamed:
+        yield loaded.model
+        return
     from prunekit.pruning.blocks import return_freed_memory
     from prunekit.weights import whole_model
 
     say("reading the whole model in bfloat16 for it to write its calibration text", quiet)
     writer = whole_model(loaded.model.config, loaded.weights)
     try:
-        return _calibrate(calibration, loaded.tokenizer, writer, quiet, timings)
+        yield writer
     finally:
         del writer
         return_freed_memory()
@@ -308,7 +335,7 @@ def _search_resident(loaded, model, profile, plan, calibration, evaluation, scra
     builder = candidate_builder(profile, scratch, probe, quiet, int8_flavour, list(fit_ids))
     explored = explore(loaded, dense, plan, _grid(plan, profile, quiet), fit_ids, selection_ids, builder,
                        calibration.source, screen=plan.search is not None, progress=not quiet,
-                       reference=StoredLogits(dense, scratch / "dense-logits"))
+                       reference=StoredLogits(dense, scratch / "dense-logits"), calib_own=calibration.own)
     builder.measure(explored.candidates)
     timings.update({f"search_{k}": v for k, v in explored.seconds.items()})
     selection = _choose(plan, explored.candidates, quiet)
@@ -363,7 +390,8 @@ def _search_streamed(loaded, model, profile, plan, calibration, evaluation, scra
     builder = streamed_candidate_builder(profile, plan, scratch, probe, fit_ids, loaded.model, quiet)
     explored = explore_streamed(model, loaded, plan, _grid(plan, profile, quiet), fit_ids, selection_ids, builder,
                                 calibration.source, scratch, probe, dense.logits_of(probe[None])[0], reference,
-                                memory.calibration_batch, screen=plan.search is not None, progress=not quiet)
+                                memory.calibration_batch, screen=plan.search is not None, progress=not quiet,
+                                calib_own=calibration.own)
     builder.measure(explored.candidates)
     timings.update({f"search_{k}": v for k, v in explored.seconds.items()})
     selection = _choose(plan, explored.candidates, quiet)
@@ -483,14 +511,17 @@ def prune_to_folder(out: str | Path, method: str, model: str | None = None, spar
                     pattern: str | Pattern | None = None, granularity: str = "channels", channel_multiple: int = 32,
                     restore: bool = True, calib: str | None = None, calib_samples: int | None = None,
                     calib_seqlen: int | None = None, seed: int = 0, force: bool = False,
-                    quiet: bool = False, max_memory: int | None = None):
+                    quiet: bool = False, max_memory: int | None = None, calib_own: int | None = None):
     """`prunekit prune`: a reloadable Hugging Face folder with prunekit.json. With no --calib the
     model calibrates on its own text, 64 x 256 tokens (as the profiles do), and says so. With a
     calibration text the model is streamed (one decoder block in memory), its calibration batch
-    the largest that fits ``max_memory`` bytes (default: the machine's memory)."""
+    the largest that fits ``max_memory`` bytes (default: the machine's memory); the samples of its
+    own it mixes in (``calib_own``, the method's default share otherwise) are written by the
+    model read whole in bfloat16 for that step (_own_text_writer)."""
     quiet_libraries(quiet)
     from prunekit.checkpoint import ShardWriter, probe_ids, probe_record, save_checkpoint
-    from prunekit.memory import calibration_batch, machine_bytes
+    from prunekit.calibration import calibration_ids
+    from prunekit.memory import calibration_batch, machine_bytes, self_calibration_bytes
     from prunekit.pruning.distributed import is_writer, start_from_environment
     from prunekit.pruning.registry import default_pattern, method as lookup_method
     from prunekit.pruning.run import make_pruner, prune
@@ -505,8 +536,9 @@ def prune_to_folder(out: str | Path, method: str, model: str | None = None, spar
     make_pruner(method, sparsity, parsed, **options)  # option errors before the model loads
     source = calib or SELF_CALIBRATION
     own = source == SELF_CALIBRATION
-    calibration = Calibration(source, calib_samples or (64 if own else 128),
-                              calib_seqlen or (256 if own else 512), seed).check()
+    samples = calib_samples or (64 if own else 128)
+    calibration = Calibration(source, samples, calib_seqlen or (256 if own else 512), seed,
+                              chosen.own_samples(samples, source, calib_own)).check()
     if own and max_memory is not None:
         raise UserInputError("--max-memory bounds a streamed prune, and self-calibration generates text with "
                              "the whole model in memory: pass --calib FILE")
@@ -527,16 +559,30 @@ def prune_to_folder(out: str | Path, method: str, model: str | None = None, spar
             quiet)
         loaded = open_streamed(model)
         budget = max_memory or machine_bytes()
-        batch_size, need = calibration_batch(loaded.model.config, method, calibration.samples, calibration.seqlen,
-                                             budget)
+        config = loaded.model.config
+        batch_size, need = calibration_batch(config, method, calibration.samples + calibration.own,
+                                             calibration.seqlen, budget)
         say(f"memory: about {need.total / 1e9:.1f} GB at a calibration batch of {batch_size} "
             f"(budget {budget / 1e9:.1f} GB)", quiet)
+        writing = self_calibration_bytes(config, loaded.num_parameters(), calibration.own, calibration.seqlen)
+        if calibration.own and writing > budget:
+            raise UserInputError(f"the model writing {calibration.own} samples of its own text needs about "
+                                 f"{writing / 1e9:.1f} GB (its blocks in bfloat16), more than the "
+                                 f"{budget / 1e9:.1f} GB budget: pass --calib-own 0, or raise --max-memory")
+    calib_ids = None
+    if calibration.own:
+        _announce_self_calibration(calibration, quiet)
+        with _own_text_writer(loaded, quiet) as writer_model:
+            calib_ids = calibration_ids(calibration.source, loaded.tokenizer, calibration.samples,
+                                        calibration.seqlen, calibration.seed, model=writer_model,
+                                        progress=not quiet, own=calibration.own)
     with (staged_output(out, force) if is_writer() else contextlib.nullcontext(None)) as stage:
         writer = ShardWriter(stage) if loaded.streamed and stage else None
         result = prune(loaded, method, sparsity, parsed, calib=calibration.source,
                        calib_samples=calibration.samples, calib_seqlen=calibration.seqlen,
                        seed=calibration.seed, progress=not quiet, writer=writer, batch_size=batch_size,
-                       probe=probe_ids(loaded.tokenizer), **options)
+                       probe=probe_ids(loaded.tokenizer), calib_ids=calib_ids, calib_own=calibration.own,
+                       **options)
         manifest = result.manifest(loaded.source)
         manifest["probe"] = probe_record(loaded.tokenizer, result.probe_logits)
         if writer:

@@ -129,11 +129,12 @@ def selection_count(total: int, fraction: float = 0.125, minimum: int = 2) -> in
     return 0 if total < 2 else min(max(minimum, round(total * fraction)), total // 2)
 
 
-def selection_split(calib_ids):
-    """(fit, selection): the last ``selection_count`` samples of the calibration tokens are held
-    out for choosing among candidates and never pruned or quantized on (prunekit.calibration
-    draws them from the end of the text, apart from the others)."""
-    held = selection_count(calib_ids.shape[0])
+def selection_split(calib_ids, text_samples: int | None = None):
+    """(fit, selection): the last ``selection_count`` samples of the calibration text (of
+    ``text_samples``, all of ``calib_ids`` by default; the model's own samples mixed in come
+    before them) are held out for choosing among candidates and never pruned or quantized on
+    (prunekit.calibration draws them from the end of the text, apart from the others)."""
+    held = selection_count(calib_ids.shape[0] if text_samples is None else text_samples)
     return calib_ids[: calib_ids.shape[0] - held], calib_ids[calib_ids.shape[0] - held:]
 
 
@@ -167,7 +168,8 @@ def screen_miss(amount: float, misses: list[str]) -> str:
 
 
 def explore(loaded, dense, plan, grid: list[tuple[float, tuple[str, ...]]], fit_ids, selection_ids, builder,
-            calib_source: str, screen: bool = True, progress: bool = True, reference=None) -> Exploration:
+            calib_source: str, screen: bool = True, progress: bool = True, reference=None,
+            calib_own: int = 0) -> Exploration:
     """Build and judge every (amount, precision) of ``grid`` in increasing amount. Each amount is
     pruned once from the dense model on ``fit_ids``; with ``screen``, an amount whose pruned float
     model already breaks the quality budget on the selection tokens is not built (quantizing only
@@ -178,7 +180,8 @@ def explore(loaded, dense, plan, grid: list[tuple[float, tuple[str, ...]]], fit_
     the blocks, the most sensitive ones dense (prunekit.pruning.partial), all from one prune of
     every block.
     ``reference`` (default: ``dense``) gives the dense logits that candidates are judged against
-    (prunekit.evaluation.StoredLogits computes them once for the whole search)."""
+    (prunekit.evaluation.StoredLogits computes them once for the whole search). ``calib_own``: how
+    many of ``fit_ids`` the model wrote itself (recorded with each full prune; slices record 0)."""
     import copy
     import time
 
@@ -194,11 +197,11 @@ def explore(loaded, dense, plan, grid: list[tuple[float, tuple[str, ...]]], fit_
     stop_why, every_block = None, None  # every_block: the N:M prune of all blocks, made once
     implied = plan.pattern.implied_sparsity if plan.pattern.n_m else None
 
-    def pruned_at(amount, ids=fit_ids):
+    def pruned_at(amount, ids=fit_ids, own=calib_own):
         say(f"pruning {plan.method} {plan.pattern} at {implied or amount:g} on {ids.shape[0]} calibration "
             f"samples", not progress)
         return prune(LoadedModel(copy.deepcopy(dense), loaded.tokenizer, loaded.source), plan.method,
-                     implied or amount, plan.pattern, calib=calib_source, calib_ids=ids,
+                     implied or amount, plan.pattern, calib=calib_source, calib_ids=ids, calib_own=own,
                      progress=progress, **plan.pruner_options())
 
     def screened(model, amount, samples: int, budget) -> list[str]:
@@ -228,7 +231,7 @@ def explore(loaded, dense, plan, grid: list[tuple[float, tuple[str, ...]]], fit_
                     say(f"{plan.pattern} kept on {len(result.details['sparse_blocks'])} of "
                         f"{len(every_block.layers)} blocks (amount {amount:g}), the most sensitive dense", not progress)
                 elif screen and not implied and sliced >= SLICE_MIN_SAMPLES:
-                    slice_result = pruned_at(amount, fit_ids[:sliced])
+                    slice_result = pruned_at(amount, fit_ids[:sliced], 0)
                     out.seconds["prune"] += time.perf_counter() - start
                     far = screened(slice_result.model, amount, sliced, slack)
                     start = time.perf_counter()

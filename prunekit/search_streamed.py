@@ -38,7 +38,7 @@ class StreamedPrune:
 
 
 def prune_streamed(model: str | None, plan, amount: float, ids, calib_source: str, folder: Path, probe,
-                   batch_size: int, progress: bool) -> StreamedPrune:
+                   batch_size: int, progress: bool, calib_own: int = 0) -> StreamedPrune:
     """``model`` (a path or id, opened streamed) pruned at ``amount`` on ``ids`` into ``folder``, a
     reloadable checkpoint; ``probe`` gets its logits through the pruned blocks on the way."""
     from prunekit.checkpoint import ShardWriter
@@ -48,7 +48,7 @@ def prune_streamed(model: str | None, plan, amount: float, ids, calib_source: st
     loaded = open_streamed(model)
     writer = ShardWriter(folder)
     result = prune(loaded, plan.method, amount, plan.pattern, calib=calib_source, calib_ids=ids,
-                   progress=progress, writer=writer, batch_size=batch_size, probe=probe[None],
+                   calib_own=calib_own, progress=progress, writer=writer, batch_size=batch_size, probe=probe[None],
                    **plan.pruner_options())
     writer.finish(result.model, loaded.tokenizer, result.manifest(loaded.source))
     return StreamedPrune(result, Path(folder))
@@ -56,7 +56,7 @@ def prune_streamed(model: str | None, plan, amount: float, ids, calib_source: st
 
 def explore_streamed(model: str | None, loaded, plan, grid, fit_ids, selection_ids, builder, calib_source: str,
                      scratch: Path, probe, probe_reference, reference, batch_size: int, screen: bool = True,
-                     progress: bool = True) -> Exploration:
+                     progress: bool = True, calib_own: int = 0) -> Exploration:
     """prunekit.search.explore for a streamed model: ``loaded`` is ``model`` opened streamed (the
     dense candidates are written from it), ``reference`` its stored logits on ``selection_ids``,
     ``probe_reference`` its torch logits of ``probe`` (what the fp32 exports are verified against)."""
@@ -70,10 +70,11 @@ def explore_streamed(model: str | None, loaded, plan, grid, fit_ids, selection_i
     sliced = int(fit_ids.shape[0] * SLICE_SHARE)
     slack = slice_budget(plan.budget)
 
-    def pruned_at(amount, ids, name):
+    def pruned_at(amount, ids, name, own=calib_own):
         say(f"pruning {plan.method} {plan.pattern} at {amount:g} on {ids.shape[0]} calibration samples "
             f"(streamed: one decoder block in memory)", not progress)
-        return prune_streamed(model, plan, amount, ids, calib_source, Path(scratch) / name, probe, batch_size, progress)
+        return prune_streamed(model, plan, amount, ids, calib_source, Path(scratch) / name, probe, batch_size,
+                              progress, own)
 
     def screened(pruned: StreamedPrune, amount, samples: int, budget) -> list[str]:
         start = time.perf_counter()
@@ -96,7 +97,7 @@ def explore_streamed(model: str | None, loaded, plan, grid, fit_ids, selection_i
             start = time.perf_counter()
             try:
                 if screen and not implied and sliced >= SLICE_MIN_SAMPLES:
-                    part = pruned_at(amount, fit_ids[:sliced], f"slice-{amount:g}")
+                    part = pruned_at(amount, fit_ids[:sliced], f"slice-{amount:g}", 0)
                     out.seconds["prune"] += time.perf_counter() - start
                     far = screened(part, amount, sliced, slack)
                     shutil.rmtree(part.folder)

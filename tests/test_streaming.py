@@ -117,6 +117,13 @@ def test_self_calibration_memory_refuses_a_budget_it_cannot_fit():
     assert memory.streamed and 4.5e9 < memory.self_calibration_bytes < 5.5e9
     assert deploy_memory(skeleton, profile, "fasp", Calibration("pydoc", 64, 256, 0),
                          max_memory=int(9e9)).self_calibration_bytes == 0
+    # admm's own samples mixed into a text: the same step, for those samples, refused with its own way out
+    mixed = Calibration("pydoc", 64, 256, 0, own=16)
+    trt = load_profile("a100-tensorrt-sparse")
+    with pytest.raises(UserInputError, match="pass --calib-own 0"):
+        deploy_memory(skeleton, trt, "admm", mixed, max_memory=int(4e9))
+    writing = deploy_memory(skeleton, trt, "admm", mixed, max_memory=int(9e9)).self_calibration_bytes
+    assert 4e9 < writing < memory.self_calibration_bytes  # 16 samples' cache and logits, not 64's
 
 
 @pytest.mark.e2e

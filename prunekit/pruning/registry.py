@@ -19,6 +19,19 @@ class Method:
     structured: bool  # removes whole channels (pattern "structured") or zeroes single weights
     summary: str
     build: Callable  # (sparsity, pattern, **options) -> block pruner
+    # Samples the model writes itself, as a share of a calibration text's, mixed in by default
+    # (prunekit.calibration.mix_own_text): the methods whose weights refit on the Gram.
+    own_text: float = 0.0
+
+    def own_samples(self, text_samples: int, source: str, given: int | None = None) -> int:
+        """How many of the model's own samples join a calibration text: ``given``, or this method's
+        share of ``text_samples``; none when the model writes all of it (``source`` self)."""
+        if given is not None and given > 0 and source == "self":
+            raise UserInputError("--calib-own mixes the model's own text into a --calib text; with no --calib "
+                                 "the model writes all of it already: pass --calib FILE, or drop --calib-own")
+        if source == "self":
+            return 0
+        return given if given is not None else round(text_samples * self.own_text)
 
     def check_pattern(self, pattern: Pattern) -> None:
         if self.structured and not pattern.structured:
@@ -58,7 +71,8 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
     Method("wanda", False, "|W|·‖X‖ per output row, unstructured or N:M", _zeroing("wanda")),
     Method("sparsegpt", False, "column-wise pruning with inverse-Hessian weight update", _zeroing("sparsegpt")),
     Method("admm", False, "mask and weights solved on the layer's outputs (ADMM), refit toward the cut with "
-                          "λ chosen on held-out tokens", _zeroing("admm")),
+                          "λ chosen on held-out tokens, the model's own text mixed into the calibration",
+           _zeroing("admm"), own_text=0.25),
     Method("magnitude", False, "|W| per layer (baseline)", _zeroing("magnitude")),
 )}
 METHODS = tuple(REGISTRY)

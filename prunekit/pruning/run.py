@@ -54,8 +54,9 @@ def make_pruner(method: str, sparsity: float, pattern: str | Pattern, **options)
 def prune(loaded: LoadedModel, method: str, sparsity: float = 0.5, pattern: str | Pattern = "unstructured",
           calib: str = "self", calib_samples: int = 128, calib_seqlen: int = 512, seed: int = 0,
           batch_size: int = 8, progress: bool = True, calib_ids=None, pruner=None, writer=None, probe=None,
-          **options) -> PruneResult:
+          calib_own: int = 0, **options) -> PruneResult:
     """Prune ``loaded.model`` in place. ``calib_ids`` (a tensor) skips loading calibration text;
+    ``calib_own`` samples the model writes itself join the text's (prunekit.calibration.mix_own_text);
     ``pruner`` (a block pruner built elsewhere, e.g. a benchmark's ablation) replaces the method's.
     A streamed model (``loaded.streamed``) is pruned block by block from its weight source into
     ``writer`` (prunekit.checkpoint.ShardWriter); ``probe`` token ids get their logits through the
@@ -69,10 +70,10 @@ def prune(loaded: LoadedModel, method: str, sparsity: float = 0.5, pattern: str 
     seconds = {}
     start = time.perf_counter()
     if calib_ids is None:
-        if calib == "self" and loaded.streamed:
+        if (calib == "self" or calib_own) and loaded.streamed:
             raise ValueError("self-calibration generates text with the whole model: load it, not streamed")
         calib_ids = calibration_ids(calib, loaded.tokenizer, calib_samples, calib_seqlen, seed,
-                                    model=loaded.model, progress=progress)
+                                    model=loaded.model, progress=progress, own=calib_own)
     seconds["calibration_data"] = time.perf_counter() - start
     start = time.perf_counter()
     blocks = StreamedBlocks(loaded.model, loaded.weights, writer, pattern.n_m) if loaded.streamed else None
@@ -85,7 +86,8 @@ def prune(loaded: LoadedModel, method: str, sparsity: float = 0.5, pattern: str 
     return PruneResult(
         model=loaded.model, tokenizer=loaded.tokenizer, method=method, pattern=str(pattern),
         sparsity=pruner.sparsity, seed=seed,
-        calibration={"source": calib, "samples": int(calib_ids.shape[0]), "seqlen": int(calib_ids.shape[1])},
+        calibration={"source": calib, "samples": int(calib_ids.shape[0]), "seqlen": int(calib_ids.shape[1]),
+                     "own_samples": calib_own},  # samples: every row, the model's own among them
         parameters_before=before, parameters_after=loaded.num_parameters(),
         mask_hash=pruner.mask_hash(), layers=engine.blocks, check=check, seconds=seconds, details=details,
         calib_ids=calib_ids, probe_logits=engine.probe_logits)
