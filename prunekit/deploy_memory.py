@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from prunekit.errors import UserInputError
-from prunekit.memory import GB, PROCESS_BYTES, calibration_batch, machine_bytes, self_calibration_bytes
+from prunekit.memory import GB, PROCESS_BYTES, calibration_batch, machine_bytes, text_writing_bytes
 
 IN_MEMORY_COPIES = 5.5  # the in-memory deploy's peak, in float32 copies of the weights (above)
 STREAMED_RUNTIMES = ("onnxruntime", "tensorrt")  # ONNX written a tensor at a time (Core ML converts a whole model)
@@ -63,13 +63,9 @@ def deploy_memory(skeleton, profile, method: str, calibration, max_memory: int |
                              f"or raise --max-memory")
     writing = 0.0
     if calibration.needs_model:
-        written = calibration.own or calibration.samples
-        writing = self_calibration_bytes(config, weights // 4, written, calibration.seqlen)
-        if writing > budget:
-            instead = "--calib-own 0" if calibration.own else "--calib FILE"
-            raise UserInputError(f"{why}; the model writing its own calibration text needs about "
-                                 f"{writing / GB:.1f} GB (its blocks in bfloat16): pass {instead}, "
-                                 f"or raise --max-memory")
+        writing = text_writing_bytes(config, weights // 4, calibration.own or calibration.samples,
+                                     calibration.seqlen, budget, why,
+                                     "--calib-own 0" if calibration.own else "--calib FILE")
     if profile.runtime == "onnxruntime" and int8_flavour != "weight-only":
         raise UserInputError(f"{why}; a streamed deploy writes INT8 weight-only (MatMulNBits, a tensor at a time), "
                              f"and --int8-flavour {int8_flavour} quantizes a whole model: drop it, or raise --max-memory")

@@ -114,6 +114,18 @@ def self_calibration_bytes(config, parameters: int, samples: int, seqlen: int, r
     return PROCESS_BYTES + 2 * blocks + 4 * head + cache + 3 * 4 * rows * config.vocab_size
 
 
+def text_writing_bytes(config, parameters: int, samples: int, seqlen: int, budget: int, why: str,
+                       instead: str) -> float:
+    """``self_calibration_bytes`` of a streamed run whose model writes ``samples`` of its own text
+    (all its calibration, or those mixed into a text), refused in one line past ``budget``:
+    ``why`` leads the message, ``instead`` is the flag that avoids the step."""
+    need = self_calibration_bytes(config, parameters, samples, seqlen)
+    if need > budget:
+        raise UserInputError(f"{why}; the model writing its own calibration text needs about {need / GB:.1f} GB "
+                             f"(its blocks in bfloat16): pass {instead}, or raise --max-memory")
+    return need
+
+
 def calibration_batch(config, method: str, samples: int, seqlen: int, budget: int) -> tuple[int, PruneMemory]:
     """The largest calibration batch whose streamed prune fits ``budget`` bytes, and its estimate;
     a one-line error when not even a batch of one does."""

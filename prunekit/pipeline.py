@@ -521,7 +521,7 @@ def prune_to_folder(out: str | Path, method: str, model: str | None = None, spar
     quiet_libraries(quiet)
     from prunekit.checkpoint import ShardWriter, probe_ids, probe_record, save_checkpoint
     from prunekit.calibration import calibration_ids
-    from prunekit.memory import calibration_batch, machine_bytes, self_calibration_bytes
+    from prunekit.memory import calibration_batch, machine_bytes, text_writing_bytes
     from prunekit.pruning.distributed import is_writer, start_from_environment
     from prunekit.pruning.registry import default_pattern, method as lookup_method
     from prunekit.pruning.run import make_pruner, prune
@@ -535,11 +535,11 @@ def prune_to_folder(out: str | Path, method: str, model: str | None = None, spar
                if chosen.structured else {})
     make_pruner(method, sparsity, parsed, **options)  # option errors before the model loads
     source = calib or SELF_CALIBRATION
-    own = source == SELF_CALIBRATION
-    samples = calib_samples or (64 if own else 128)
-    calibration = Calibration(source, samples, calib_seqlen or (256 if own else 512), seed,
+    self_written = source == SELF_CALIBRATION  # all of it (``calibration.own``: the samples mixed into a text)
+    samples = calib_samples or (64 if self_written else 128)
+    calibration = Calibration(source, samples, calib_seqlen or (256 if self_written else 512), seed,
                               chosen.own_samples(samples, source, calib_own)).check()
-    if own and max_memory is not None:
+    if self_written and max_memory is not None:
         raise UserInputError("--max-memory bounds a streamed prune, and self-calibration generates text with "
                              "the whole model in memory: pass --calib FILE")
     out = Path(out)
@@ -549,7 +549,7 @@ def prune_to_folder(out: str | Path, method: str, model: str | None = None, spar
     start_from_environment()  # under torchrun: this process's share of the calibration batches
     quiet = quiet or not is_writer()
     batch_size = 8
-    if own:  # the model writes its calibration text: that takes the whole model in memory
+    if self_written:  # the model writes its calibration text: that takes the whole model in memory
         loaded = _load(model, quiet)
         _announce_self_calibration(calibration, quiet)
     else:
@@ -564,11 +564,9 @@ def prune_to_folder(out: str | Path, method: str, model: str | None = None, spar
                                              calibration.seqlen, budget)
         say(f"memory: about {need.total / 1e9:.1f} GB at a calibration batch of {batch_size} "
             f"(budget {budget / 1e9:.1f} GB)", quiet)
-        writing = self_calibration_bytes(config, loaded.num_parameters(), calibration.own, calibration.seqlen)
-        if calibration.own and writing > budget:
-            raise UserInputError(f"the model writing {calibration.own} samples of its own text needs about "
-                                 f"{writing / 1e9:.1f} GB (its blocks in bfloat16), more than the "
-                                 f"{budget / 1e9:.1f} GB budget: pass --calib-own 0, or raise --max-memory")
+        if calibration.own:
+            text_writing_bytes(config, loaded.num_parameters(), calibration.own, calibration.seqlen, budget,
+                               f"the memory budget is {budget / 1e9:.1f} GB", "--calib-own 0")
     calib_ids = None
     if calibration.own:
         _announce_self_calibration(calibration, quiet)
