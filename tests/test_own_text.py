@@ -88,3 +88,64 @@ def test_calib_own_without_a_text_or_negative_is_one_line(tiny_folder, tmp_path,
     assert len(err) == 1 and err[0].startswith("error:") and "--calib-own" in err[0]
     assert main(["prune", "--method", "admm", "--calib-own", "-1", "--out", str(tmp_path / "o")]) == 2
     assert not (tmp_path / "o").exists()
+
+
+def test_one_token_attention_is_sdpa_with_grouped_heads():
+    """The writer's decode attention (prunekit.decode_attention) against transformers' sdpa one,
+    float32 (no rounding to hide behind): grouped query heads, a scale given and not, and every
+    case it does not handle passed through."""
+    from types import SimpleNamespace
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from prunekit.decode_attention import one_token_attention
+
+    generator = torch.Generator().manual_seed(0)
+    module = SimpleNamespace(num_key_value_groups=3, is_causal=True, training=False)
+    for queries, positions, scaling in ((1, 7, None), (1, 7, 0.3), (5, 5, 0.3)):
+        query = torch.randn(2, 6, queries, 8, generator=generator)
+        key, value = (torch.randn(2, 2, positions, 8, generator=generator) for _ in range(2))
+        ours, _ = one_token_attention(module, query, key, value, None, scaling=scaling)
+        theirs, _ = sdpa_attention_forward(module, query, key, value, None, scaling=scaling)
+        assert ours.shape == theirs.shape == (2, queries, 6, 8)
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_a_bfloat16_writer_decodes_as_sdpa_and_gives_its_setting_back(family, monkeypatch):
+    """A bfloat16 model stepping through its cache with the one-token attention gives sdpa's next
+    tokens: Gemma 3's sliding layers past the window (their mask goes to sdpa) included. The shared
+    config is restored; a float32 model is left on sdpa."""
+    from prunekit import decode_attention
+    from prunekit.calibration import preallocated_cache
+    from prunekit.decode_attention import NAME, writing_attention
+
+    from conftest import WINDOW, make_tiny
+
+    model = make_tiny(family).to(torch.bfloat16)
+    steps = torch.randint(3, 300, (3, WINDOW + 6), generator=torch.Generator().manual_seed(1))
+
+    def decode():
+        cache, logits = preallocated_cache(model.config, steps.shape[1]), []
+        with torch.no_grad():
+            for t in range(steps.shape[1]):
+                logits.append(model(steps[:, t:t + 1], cache=cache, use_cache=True).logits[:, -1].float())
+        return torch.stack(logits, 1)
+
+    plain = decode()
+    calls, grouped = [], decode_attention.grouped_attention
+    monkeypatch.setattr(decode_attention, "grouped_attention", lambda *a: calls.append(1) or grouped(*a))
+    with writing_attention(model):
+        assert model.config._attn_implementation == NAME
+        ours = decode()
+    assert model.config._attn_implementation == "sdpa"
+    kinds = getattr(model.config, "layer_types", None) or ["full_attention"] * model.config.num_hidden_layers
+    full_layers = kinds.count("full_attention")
+    assert len(calls) >= full_layers * (steps.shape[1] - 1)  # the one-token path ran, not sdpa's
+    assert (ours.argmax(-1) == plain.argmax(-1)).float().mean() > 0.95
+    kl = torch.nn.functional.kl_div(ours.log_softmax(-1), plain.log_softmax(-1), log_target=True,
+                                    reduction="batchmean")
+    assert kl < 1e-2
+    float32 = make_tiny(family)
+    with writing_attention(float32):
+        assert float32.config._attn_implementation == "sdpa"

@@ -371,8 +371,9 @@ def prune_layerwise(model, input_ids: torch.Tensor, pruner: BlockPruner, batch_s
         info = pruner.prune_block(index, block, linears, stats)
         result.blocks.append({"layer": index, **info})
         del stats, linears
-        for b, (hidden, kwargs) in enumerate(states):  # in place: one copy of the activations
-            states[b] = (run_block(block, hidden, kwargs[types[index]]), kwargs)
+        if index < len(types) - 1:  # the last block's outputs feed no block: not computed
+            for b, (hidden, kwargs) in enumerate(states):  # in place: one copy of the activations
+                states[b] = (run_block(block, hidden, kwargs[types[index]]), kwargs)
         if probe_state is not None:
             probe_state = (run_block(block, probe_state[0], probe_state[1][types[index]]), probe_state[1])
         blocks.release(index, block)

@@ -25,6 +25,10 @@ SOLVE_DTYPE = torch.float32  # the ADMM and CG steps: float64 gave the same held
 # The λ grid of the refit (normalized units: 1 is the average input's own energy); ∞ is the cut.
 LAMBDAS = (1.0, 0.1, 0.01, 0.001)
 SEARCH_ROWS = 128  # output rows that rank λ (every row is independent; a sum over evenly spaced rows ranks as all do)
+# The ADMM stops once fewer than this share of the weights changed side in a step. On the default
+# model's 120 layer groups at 2:4 the steps after it (a third of them) moved the refit's held-out
+# error by under 0.1% (0.6585 summed over every fifth group, against 0.6584 run to an unchanged mask).
+SETTLED = 1e-3
 
 
 @dataclass(frozen=True)
@@ -73,8 +77,8 @@ def admm_prune(weight: torch.Tensor, gram: torch.Tensor, sparsity: float, n_m: t
         split = projected * mask
         dual += rho * (solved - split)
         rho *= growth
-        if torch.equal(mask, previous):  # the support has settled: more steps only polish its weights,
-            break  # which the refit does for less
+        if (mask != previous).float().mean() <= SETTLED:  # the support has settled: more steps only
+            break  # polish its weights, which the refit does for less
     return split, mask
 
 
