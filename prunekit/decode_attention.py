@@ -47,7 +47,7 @@ def one_token_attention(module, query: torch.Tensor, key: torch.Tensor, value: t
 
 @contextlib.contextmanager
 def writing_attention(model):
-    """``model`` runs its attention through ``one_token_attention`` while in the block, when its
+    """``model`` runs its attention through ``one_token_attention`` inside the ``with``, when its
     weights are bfloat16 (float32 has no slow kernel to avoid: torch's takes 0.5 ms there, and the
     float32 self-calibration keeps its text). The config is shared with any copy of the model, so
     the previous setting is put back on the way out."""
