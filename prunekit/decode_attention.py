@@ -14,6 +14,9 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 NAME = "prunekit_one_token"
 
@@ -36,8 +39,6 @@ def one_token_attention(module, query: torch.Tensor, key: torch.Tensor, value: t
     """transformers' attention-function signature: one query position with no mask on a CPU goes
     to ``grouped_attention``; anything else (a prompt, a sliding window's mask, a soft cap, a GPU)
     to transformers' sdpa function unchanged."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     if (query.shape[2] != 1 or attention_mask is not None or query.device.type != "cpu"
             or kwargs.get("softcap") is not None):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
@@ -54,9 +55,6 @@ def writing_attention(model):
     if next(model.parameters()).dtype != torch.bfloat16:
         yield model
         return
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
     AttentionInterface.register(NAME, one_token_attention)
     AttentionMaskInterface.register(NAME, sdpa_mask)  # the masks sdpa gets: None where none is needed
     config = model.config
