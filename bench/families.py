@@ -5,9 +5,10 @@ Qwen2.5-Coder-1.5B (qwen2), for cpu-onnx and a100-tensorrt-sparse. Run it alone.
     python bench/families.py [--models smollm2-135m gemma-3-270m qwen2.5-coder-1.5b] \
         [--targets cpu-onnx a100-tensorrt-sparse] [--windows 16] [--out docs/results/families.json]
 
-Each row is one `prunekit deploy` subprocess (WikiText-2 validation calibration, the target's
-plan and budget; ``EXTRA`` names a model's smaller documented protocol), evaluated on WikiText-2
-test and Python's documentation (``--windows`` windows of 512 tokens each), its process tree's
+Each row is one `prunekit deploy` subprocess: what a user runs (`deploy --target T --model M --calib
+FILE`: the target's own plan, budget and calibration size; the 1.5B model's deploy is streamed, one
+decoder block in memory, docs/memory.md), with WikiText-2 validation calibration, evaluated on
+WikiText-2 test and Python's documentation (``--windows`` windows of 512 tokens each), its process tree's
 RSS sampled (bench/deploy_cost.py). Beside it, in its own subprocess, one dense forward over
 calibration tokens of the same count and length, timed: the yardstick for the prune time. The
 table shows dense vs shipped perplexity per text, prune time / dense forward, peak RSS, and
@@ -29,12 +30,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from deploy_cost import run_deploy  # noqa: E402
 from fetch_models import MODELS, cache_dir, fetch  # noqa: E402
 from protocol import CALIB_FILE, EVAL_FILE  # noqa: E402
-
-# Deploy flags beyond the common ones, per (model, target). None today: every model runs the target's
-# own plan, budget and calibration size, as a user's `deploy --target T --model M --calib FILE` does. The 1.5B model no longer needs a smaller fixed protocol: its deploy is streamed,
-# one decoder block in memory (docs/memory.md), so the search fits this 24 GB, 2-core machine.
-EXTRA: dict[tuple[str, str], list[str]] = {}
-
 
 def model_path(key: str, cache: Path) -> str | None:
     """None for the embedded default; the joined GGUF otherwise (fetched when missing)."""
@@ -65,8 +60,8 @@ def timed_dense_forward(model: str | None, samples: int, seqlen: int) -> float:
 def row(key: str, target: str, model: str | None, windows: int, work: Path) -> dict:
     out = work / f"{key}-{target}"
     args = ["--target", target, "--out", str(out), "--calib", str(CALIB_FILE),
-            "--eval", f"wikitext2={EVAL_FILE}", "--eval", "pydoc=pydoc", "--eval-windows", str(windows),
-            *EXTRA.get((key, target), [])] + (["--model", model] if model else [])
+            "--eval", f"wikitext2={EVAL_FILE}", "--eval", "pydoc=pydoc", "--eval-windows", str(windows)]
+    args += ["--model", model] if model else []
     result = run_deploy(args)
     report = json.loads((out / "report.json").read_text()) if (out / "report.json").is_file() else None
     result.update(model=key, target=target)
