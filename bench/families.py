@@ -103,7 +103,7 @@ def row(key: str, target: str, model: str | None, windows: int, work: Path, repo
 
 
 def nm_check(row: dict) -> str:
-    """The 2:4 check of the shipped export, as 'checked/kept dense', or '' where none applies."""
+    """The shipped export's 2:4 check (GEMMs checked, kept dense), or '' where none applies."""
     check = (row.get("verification") or {}).get("nm_after_export")
     return f"{check['checked']} GEMMs, {check['kept_dense']} kept dense" if check else ""
 
