@@ -61,7 +61,8 @@ def timed_dense_forward(model: str | None, samples: int, seqlen: int) -> float:
 
 
 def commit() -> str:
-    """The repository's commit, so that a saved row says what code produced it."""
+    """The repository's commit, so that a saved row says what code produced it: read once when the
+    bench starts, since a commit made while it runs does not change the code it runs."""
     out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                          cwd=Path(__file__).resolve().parent)
     return out.stdout.strip() or "unknown"
@@ -74,7 +75,7 @@ def row(key: str, target: str, model: str | None, windows: int, work: Path, repo
     args += ["--model", model] if model else []
     result = run_deploy(args)
     report = json.loads((out / "report.json").read_text()) if (out / "report.json").is_file() else None
-    result.update(model=key, target=target, commit=commit(), windows=windows)
+    result.update(model=key, target=target, windows=windows)
     if report is None:
         return result
     if reports is not None:  # the deploy's folder is scratch; its report is the row's evidence
@@ -147,13 +148,13 @@ def main() -> None:
     unknown = [m for m in args.models if m not in keys]
     if unknown:
         parser.error(f"unknown model {unknown[0]}: choose from {', '.join(keys)}")
-    rows = []
+    rows, code = [], commit()
     with tempfile.TemporaryDirectory(prefix="prunekit-families-") as tmp:
         for key in args.models:
             model = model_path(key, cache_dir(args.cache))
             for target in args.targets:
                 start = time.perf_counter()
-                rows.append(row(key, target, model, args.windows, Path(tmp), args.reports))
+                rows.append({**row(key, target, model, args.windows, Path(tmp), args.reports), "commit": code})
                 print(f"{key} {target}: exit {rows[-1]['exit_code']} in {time.perf_counter() - start:.0f} s",
                       file=sys.stderr, flush=True)
                 args.out.parent.mkdir(parents=True, exist_ok=True)
