@@ -57,6 +57,29 @@ def test_the_budget_judges_the_upper_bound_of_the_quality_loss():
     assert select(bounded, Budget(max_ppl_increase=10), "latency").chosen.name == "pruned 0.1 int8"
 
 
+def _measured(precision, ppl, upper, kl, ms, basis="measured", mb=1.0):
+    return Candidate(0, precision, ppl_increase=ppl, ppl_increase_upper=upper, kl=kl, decode_ms=ms,
+                     latency_basis=basis, bytes=int(mb * 1e6))
+
+
+def test_measured_decode_times_within_the_hosts_spread_are_a_tie_that_quality_breaks():
+    # gemma-3-270m's dense candidates at 6969c83: INT4-mixed 2% faster than INT8 at ten times its KL
+    gemma = [_measured("int8", 1.45, 3.12, 0.0146, 10.88, mb=973), _measured("int4-mixed", 1.75, 5.97, 0.156, 10.67, mb=935),
+             _measured("fp32", 0.0, 0.0, 0.0, 29.24, mb=1744)]
+    choice = select(gemma, Budget(max_ppl_increase=10), "latency")
+    assert choice.chosen.name == "dense int8" and choice.runner_up.name == "dense int4-mixed"
+    assert "within 10% of the fastest" in choice.reason and "KL 0.015 vs KL 0.156" in choice.reason
+    # SmolLM2-135M's: INT4-mixed 16% faster than INT8, outside the spread, so the faster ships
+    smol = [_measured("int8", 0.94, 1.63, 0.0047, 7.98), _measured("int4-mixed", 5.57, 8.15, 0.0586, 6.74)]
+    assert select(smol, Budget(max_ppl_increase=10), "latency").chosen.name == "dense int4-mixed"
+    # estimated latencies are the roofline's own order, not a measurement with a spread
+    estimated = [_measured("int8", 1.45, 3.12, 0.0146, 10.88, "estimated"),
+                 _measured("int4-mixed", 1.75, 5.97, 0.156, 10.67, "estimated")]
+    assert select(estimated, Budget(max_ppl_increase=10), "latency").chosen.name == "dense int4-mixed"
+    # the size objective orders exact byte counts: no tie
+    assert select(gemma, Budget(max_ppl_increase=10), "size").chosen.name == "dense int4-mixed"
+
+
 def test_budget_from_flags_and_profile():
     cpu = load_profile("cpu-onnx")
     budget = Budget.resolve(cpu, max_kl=0.1)
