@@ -66,6 +66,13 @@ def write_report(report: dict, folder: Path) -> list[Path]:
     return [json_path, md_path, plot_path]
 
 
+def plan_words(report: dict) -> str:
+    """What shipped, in words: a search that chose the dense model names no method or pattern."""
+    if report["method"] == "none":
+        return f"dense (no pruning chosen), precision {report['precision']}"
+    return f"{report['method']} {report['pattern']}, sparsity {report['sparsity']:g}, precision {report['precision']}"
+
+
 def _fmt(value, spec=".2f"):
     return "-" if value is None else format(value, spec)
 
@@ -74,8 +81,7 @@ def markdown(report: dict, plot_name: str) -> str:
     params = report["parameters"]
     lines = [f"# prunekit report: {report['target']}", "",
              f"- model: {report['model']}",
-             f"- plan: {report['method']} {report['pattern']}, sparsity {report['sparsity']:g}, "
-             f"precision {report['precision']}",
+             f"- plan: {plan_words(report)}",
              f"- parameters: {params['before']:,} -> {params['after']:,} "
              f"({100 * (1 - params['after'] / params['before']):.1f}% fewer)",
              f"- export: {report['export']['status']}" + (f" ({report['export']['reason']})"
@@ -193,8 +199,7 @@ def _plot(report: dict, path: Path) -> None:
         p = report["parameters"]
         axes[1].bar(["dense", "pruned"], [p["before"] / 1e6, p["after"] / 1e6], color=["C0", "C1"])
         axes[1].set_ylabel("parameters (M)")
-    fig.suptitle(f"{report['target']}: {report['method']} {report['pattern']} {report['sparsity']:g} "
-                 f"{report['precision']}")
+    fig.suptitle(f"{report['target']}: {plan_words(report)}")
     fig.tight_layout()
     fig.savefig(path, dpi=80, metadata={"Software": None})
     plt.close(fig)

@@ -10,6 +10,7 @@ from prunekit.errors import QualityGateFailed
 from prunekit.exporters.onnx import OnnxDecoder, export_onnx, verify_export
 from prunekit.pipeline import deploy
 from prunekit.report import validate_report
+from prunekit.search import LATENCY_RESOLUTION
 
 from conftest import CORPUS, make_tiny_llama
 
@@ -44,7 +45,10 @@ def test_budgeted_deploy_ships_the_fastest_candidate_within_budget(tiny_folder, 
                for c in built)
     fits = [c for c in built if c["within_budget"]]
     chosen = next(c for c in built if c["name"] == search["selection"]["chosen"])
-    assert chosen["within_budget"] and chosen["decode_ms"] == min(c["decode_ms"] for c in fits)
+    # the fastest within budget, or one within the host's latency spread of it that drifts less
+    fastest = min(c["decode_ms"] for c in fits)
+    tied = [c for c in fits if c["decode_ms"] <= fastest * (1 + LATENCY_RESOLUTION)]
+    assert chosen["within_budget"] and chosen["kl"] == min(c["kl"] for c in tied)
     assert (report["sparsity"], report["precision"]) == (chosen["amount"], chosen["precision"])
     assert {q["quantizer"] for q in search["int4_quantizers"]} == {"rtn-symmetric", "activation-aware"}
     checks = report["export"]["checks"]

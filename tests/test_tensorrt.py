@@ -99,7 +99,11 @@ def test_a_dense_choice_ships_without_a_pattern_check(tmp_path):
                                   probe_tokens=ids[0], calib_tokens=ids, quiet=True))
     assert outcome.status == "written" and "nm_after_export" not in outcome.checks
     assert (tmp_path / "stage" / "onnx" / "model.onnx").is_file()
-
+    # the shipped model is dense: its latency rows say so, with no "pruned 2:4" row repeating them
+    assert [v["name"] for v in outcome.variants] == ["dense fp16 batch 1", "dense fp16 batch 8"]
+    from prunekit.report import plan_words
+    dense_report = {"method": "none", "pattern": "none", "sparsity": 0.0, "precision": "fp16"}
+    assert plan_words(dense_report) == "dense (no pruning chosen), precision fp16"
 
 
 def test_int8_candidates_are_judged_on_the_qdq_onnx_tensorrt_builds_from(tmp_path):

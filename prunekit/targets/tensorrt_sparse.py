@@ -129,12 +129,14 @@ def ship_for_tensorrt(profile, plan, stage: Path, pruned, dense, sparse_weights:
     if dense is not None:
         dense_cost, dense_bytes = model_cost(dense), stored_bytes(dense, precision)
     variants = []
+    # a dense choice (no 2:4 GEMM) is its own shipped variant: no "pruned" row that repeats it
+    shipped_name = f"pruned {plan.pattern} {precision}" if sparse_weights else f"dense {precision}"
     for batch in (1, 8):
-        if dense is not None:
+        if dense is not None and sparse_weights:
             variants.append({"name": f"dense {precision} batch {batch}", "bytes": dense_bytes,
                              **estimate_latency(dense_cost, dense_bytes, profile.peak_tflops[precision],
                                                 profile.memory_bandwidth_gbs, batch=batch)})
-        variants.append({"name": f"pruned {plan.pattern} {precision} batch {batch}", "bytes": int(stored),
+        variants.append({"name": f"{shipped_name} batch {batch}", "bytes": int(stored),
                          **estimate_latency(cost, stored, profile.peak_tflops[precision], profile.memory_bandwidth_gbs,
                                             gemm_speedup=speedup, batch=batch,
                                             sparse_flops_per_token=2 * sparse_weights)})
