@@ -403,6 +403,9 @@ def _search_streamed(loaded, model, profile, plan, calibration, evaluation, scra
     if pruned is None:
         _copy_streamed(loaded, stage / "model")
         shipped = None
+    elif pruned.partial:  # the every-block folder with dense blocks blended in: written as its own checkpoint
+        shipped = pruned.open()
+        _copy_streamed(shipped, stage / "model", pruned.result.manifest(loaded.source))
     else:
         shutil.copytree(pruned.folder, stage / "model")
         shipped = pruned.open()
@@ -445,8 +448,9 @@ def _quality_streamed(pruned, dense, export, evaluation: Evaluation, windows: li
     return shipped, pruned_torch
 
 
-def _copy_streamed(loaded, folder: Path) -> None:
-    """The dense model as a reloadable checkpoint, a block at a time from its source (prunekit.checkpoint)."""
+def _copy_streamed(loaded, folder: Path, manifest: dict | None = None) -> None:
+    """A streamed model (the dense one unless ``manifest`` says otherwise) as a reloadable
+    checkpoint, a block at a time from its source (prunekit.checkpoint)."""
     from prunekit.checkpoint import ShardWriter
     from prunekit.pruning.blocks import StreamedBlocks
 
@@ -456,7 +460,7 @@ def _copy_streamed(loaded, folder: Path) -> None:
     for index in range(loaded.model.config.num_hidden_layers):
         blocks.release(index, blocks.load(index))
     blocks.close()
-    writer.finish(loaded.model, loaded.tokenizer, _dense_manifest(loaded.source))
+    writer.finish(loaded.model, loaded.tokenizer, manifest or _dense_manifest(loaded.source))
 
 
 def _dense_manifest(source: str) -> dict:

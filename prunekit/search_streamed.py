@@ -6,7 +6,8 @@ engine, prunekit.pruning.run with a ShardWriter), never as a copy of a dense mod
 pruned float model is screened on the selection tokens from that folder, block by block
 (prunekit.pruning.blocks.StreamedLogits); each candidate's artifacts are written from the folder a
 tensor at a time (prunekit.targets.cpu_onnx_streamed). An N:M pattern on a share of the blocks
-(prunekit.pruning.partial) mixes two whole models, so such amounts are skipped with the reason.
+(prunekit.pruning.partial) reads the folder of the prune of every block with the dense blocks'
+projections taken from the model's own source, so it costs no prune and no folder of its own.
 """
 
 from __future__ import annotations
@@ -20,21 +21,48 @@ from prunekit.progress import say
 from prunekit.search import (SLICE_MIN_SAMPLES, SLICE_SHARE, Exploration, screen_miss, skipped, slice_budget,
                              slice_miss)
 
-PARTIAL_N_M = ("a streamed deploy keeps N:M on every block or none: keeping the most sensitive blocks dense "
-               "mixes two whole models")
-
 
 @dataclasses.dataclass
 class StreamedPrune:
-    """One amount's prune: the engine's result (its model a skeleton) and the folder it wrote."""
+    """One amount's prune: the engine's result (its model a skeleton) and the folder it wrote. A
+    partial N:M amount shares the folder of the prune of every block and reads the projections of
+    the blocks it keeps dense from ``dense`` (the model's weight source)."""
 
     result: object
     folder: Path
+    dense: object = None
 
     def open(self):
         from prunekit.models import open_streamed
+        from prunekit.pruning.partial import blended_weights
 
-        return open_streamed(str(self.folder))
+        opened = open_streamed(str(self.folder))
+        if self.dense is None:
+            return opened
+        source = (opened.manifest or {}).get("source_model", opened.source)
+        return dataclasses.replace(opened, manifest=self.result.manifest(source),
+                                   weights=blended_weights(opened.weights, self.dense,
+                                                           self.result.details["dense_blocks"]))
+
+    @property
+    def partial(self) -> bool:
+        return self.dense is not None
+
+
+def partial_amount(every: StreamedPrune, dense_weights, amount: float, probe) -> StreamedPrune:
+    """``every`` (N:M on every block) at the smaller ``amount``: the most sensitive blocks dense
+    (prunekit.pruning.partial), its probe logits taken through the blend (the float export is
+    verified against them)."""
+    from prunekit.pruning.blocks import StreamedLogits
+    from prunekit.pruning.partial import keep_dense_blocks_streamed
+
+    pruned_weights = every.open().weights
+    result = keep_dense_blocks_streamed(every.result, pruned_weights, dense_weights, amount)
+    partial = StreamedPrune(result, every.folder, dense_weights)
+    opened = partial.open()
+    logits = StreamedLogits(opened.model, opened.weights, [probe[None]]).logits_of(probe[None])
+    partial.result = dataclasses.replace(result, probe_logits=logits)
+    return partial
 
 
 def prune_streamed(model: str | None, plan, amount: float, ids, calib_source: str, folder: Path, probe,
@@ -85,10 +113,12 @@ def explore_streamed(model: str | None, loaded, plan, grid, fit_ids, selection_i
                            "top1": q.top1, "misses": plan.budget.misses(ppl_increase=q.increase_pct, kl=q.kl)})
         return budget.misses(ppl_increase=q.increase_pct, kl=q.kl)
 
+    def in_use(pruned: StreamedPrune) -> bool:
+        """Whether a built amount reads ``pruned``'s folder (a partial amount reads its every-block prune's)."""
+        return any(p is not None and p.folder == pruned.folder for p in out.pruned.values())
+
+    every = None  # the N:M prune of every block, made once: the partial amounts read its folder
     for amount, precisions in grid:
-        if stop_why is None and implied and 0 < amount < implied:
-            out.candidates += skipped(amount, precisions, PARTIAL_N_M)
-            continue
         if stop_why is not None:
             out.candidates += skipped(amount, precisions, stop_why)
             continue
@@ -96,7 +126,15 @@ def explore_streamed(model: str | None, loaded, plan, grid, fit_ids, selection_i
         if amount > 0:
             start = time.perf_counter()
             try:
-                if screen and not implied and sliced >= SLICE_MIN_SAMPLES:
+                if implied and amount < implied:  # N:M on the least sensitive blocks only
+                    every = every or pruned_at(implied, fit_ids, f"pruned-{implied:g}")
+                    pruned = partial_amount(every, loaded.weights, amount, probe)
+                    say(f"{plan.pattern} kept on {len(pruned.result.details['sparse_blocks'])} of "
+                        f"{len(every.result.layers)} blocks (amount {amount:g}), the most sensitive dense",
+                        not progress)
+                elif implied and every is not None:
+                    pruned = every
+                elif screen and not implied and sliced >= SLICE_MIN_SAMPLES:
                     part = pruned_at(amount, fit_ids[:sliced], f"slice-{amount:g}", 0)
                     out.seconds["prune"] += time.perf_counter() - start
                     far = screened(part, amount, sliced, slack)
@@ -106,7 +144,8 @@ def explore_streamed(model: str | None, loaded, plan, grid, fit_ids, selection_i
                         stop_why = slice_miss(amount, sliced, fit_ids.shape[0], far)
                         out.candidates += skipped(amount, precisions, stop_why)
                         continue
-                pruned = pruned_at(implied or amount, fit_ids, f"pruned-{amount:g}")
+                if pruned is None:
+                    pruned = pruned_at(implied or amount, fit_ids, f"pruned-{implied or amount:g}")
             except UserInputError as exc:
                 out.candidates += skipped(amount, precisions, str(exc))
                 continue
@@ -117,7 +156,8 @@ def explore_streamed(model: str | None, loaded, plan, grid, fit_ids, selection_i
                 if misses:
                     stop_why = screen_miss(amount, misses)
                     out.candidates += skipped(amount, precisions, stop_why)
-                    shutil.rmtree(pruned.folder)
+                    if not in_use(pruned):
+                        shutil.rmtree(pruned.folder)
                     continue
             source, verify_against = pruned.open(), pruned.result.probe_logits[0]
         start = time.perf_counter()

@@ -253,6 +253,31 @@ class RoundedWeights(WeightSource):
         return self._rounded(self.source._read_rows(name, start, stop))
 
 
+class BlendedWeights(WeightSource):
+    """``pruned`` with the tensors named in ``from_dense`` read from ``dense`` instead: N:M on a
+    share of a streamed model's blocks (prunekit.pruning.partial.blended_weights)."""
+
+    def __init__(self, pruned: WeightSource, dense: WeightSource, from_dense: set[str]):
+        self.pruned, self.dense, self.from_dense, self.config = pruned, dense, frozenset(from_dense), pruned.config
+
+    def names(self):
+        return self.pruned.names()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.pruned.shape(name)
+
+    def _source(self, name: str) -> WeightSource:
+        return self.dense if name in self.from_dense else self.pruned
+
+    def _read(self, name: str) -> torch.Tensor:
+        source = self._source(name)
+        return source._read(source._resolve(name))
+
+    def _read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        source = self._source(name)
+        return source._read_rows(source._resolve(name), start, stop)
+
+
 def empty_model(config, dtype: torch.dtype = torch.float32) -> nn.Module:
     """The model's modules with parameters on the meta device (no memory) and real buffers."""
     from accelerate import init_empty_weights

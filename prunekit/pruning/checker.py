@@ -27,18 +27,21 @@ def nm_violations(weight: torch.Tensor, n: int, m: int) -> int:
     return int((nonzero > n).sum())
 
 
+def check_weight(name: str, weight: torch.Tensor, n_m: tuple[int, int] | None = None,
+                 dense: bool = False) -> LayerSparsity:
+    """One projection's sparsity and, unless its block was kept ``dense``, its N:M check."""
+    checked = n_m is not None and not dense
+    bad = nm_violations(weight, *n_m) if checked else 0
+    zeros = 1.0 - torch.count_nonzero(weight).item() / weight.numel()
+    return LayerSparsity(name=name, shape=tuple(weight.shape), sparsity=zeros,
+                         nm_ok=(bad == 0) if checked else None, bad_groups=bad)
+
+
 def check_block(model, index: int, layer, n_m: tuple[int, int] | None = None,
                 dense: bool = False) -> list[LayerSparsity]:
     """One block's projections: sparsity and, unless the block was kept ``dense``, the N:M check."""
-    report = []
-    for name, linear in block_linears(model, layer).items():
-        weight = linear.weight.data
-        checked = n_m is not None and not dense
-        bad = nm_violations(weight, *n_m) if checked else 0
-        zeros = 1.0 - torch.count_nonzero(weight).item() / weight.numel()
-        report.append(LayerSparsity(name=f"layers.{index}.{name}", shape=tuple(weight.shape), sparsity=zeros,
-                                    nm_ok=(bad == 0) if checked else None, bad_groups=bad))
-    return report
+    return [check_weight(f"layers.{index}.{name}", linear.weight.data, n_m, dense)
+            for name, linear in block_linears(model, layer).items()]
 
 
 def check_model(model, n_m: tuple[int, int] | None = None, dense_blocks=frozenset()) -> list[LayerSparsity]:

@@ -45,6 +45,7 @@ class StreamedTensorrtCandidates:
         self.paths: dict[tuple[float, str], Path] = {}
         self.models: dict[float, object] = {}  # each amount's skeleton: shapes for the estimates
         self.patterns: dict[float, dict] = {}  # each pruned amount's 2:4 check of its float file
+        self.skips: dict[float, tuple[str, ...]] = {}  # each pruned amount's blocks kept dense, as name prefixes
         self.checks: dict[str, dict] = {}
         self.timings: dict[str, float] = defaultdict(float)
 
@@ -77,7 +78,10 @@ class StreamedTensorrtCandidates:
         shutil.rmtree(logits)
         self.paths[(amount, "fp32")] = fp32
         if amount > 0 and self.plan.pattern.n_m:
-            self.patterns[amount] = nm_report(iter_gemm_weights(fp32), *self.plan.pattern.n_m)
+            # blocks a partial amount kept dense on purpose (prunekit.pruning.partial) are counted, not checked
+            self.skips[amount] = tuple(f"layers.{i}." for i in (loaded.manifest or {}).get("dense_blocks", ()))
+            self.patterns[amount] = nm_report(iter_gemm_weights(fp32), *self.plan.pattern.n_m,
+                                              skip=self.skips[amount])
         sparse_weights = self._sparse_weights(amount)
         self.timings["judge"] += time.perf_counter() - start
 
@@ -132,7 +136,8 @@ class StreamedTensorrtCandidates:
         if amount in self.patterns:
             checks["nm_after_export"] = self.patterns[amount]
             if int8:
-                checks["nm_after_int8"] = nm_report(iter_gemm_weights(path), *self.plan.pattern.n_m)
+                checks["nm_after_int8"] = nm_report(iter_gemm_weights(path), *self.plan.pattern.n_m,
+                                                    skip=self.skips[amount])
         raise_on_broken_pattern(self.plan, checks)
         checks["shipped"] = {"streamed": True, "verified_export": checks["onnx"]["passed"],
                              "kv_cache_io": checks["onnx"]["kv_cache_io"]}
