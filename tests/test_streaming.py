@@ -57,6 +57,26 @@ def test_streamed_prune_equals_in_memory_prune(family, method, pattern, sparsity
         {"lm_head.weight"} if reloaded.model.config.tie_word_embeddings else set())
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_streamed_pass_leaves_the_skeleton_traceable(family, tokenizer, calib_ids, tmp_path):
+    """A pass over the blocks (the dense logits a streamed deploy takes first) drops each block's
+    weights after use but keeps the skeleton's buffers: Gemma 3's embedding scale is one, not in
+    the checkpoint, and a trace after the pass failed on it as a meta tensor."""
+    from prunekit.exporters.onnx_streamed import streamed_graph
+    from prunekit.pruning.blocks import StreamedLogits
+
+    source = tmp_path / "dense"
+    make_tiny(family, layers=2).save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    opened = open_streamed(source)
+    buffers = {name: b.clone() for name, b in opened.model.named_buffers()}
+    StreamedLogits(opened.model, opened.weights, [calib_ids[:2]]).logits_of(calib_ids[:1])
+    assert all(p.is_meta for p in opened.model.parameters())  # the pass kept no weight
+    for name, buffer in opened.model.named_buffers():
+        assert not buffer.is_meta and torch.equal(buffer, buffers[name]), name
+    assert streamed_graph(opened.model, opened.weights, fused=False) is not None
+
+
 def test_streamed_source_refuses_a_checkpoint_missing_a_block(tokenizer, calib_ids, tmp_path):
     from safetensors.torch import load_file, save_file
 

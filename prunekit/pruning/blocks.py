@@ -46,6 +46,17 @@ class ResidentBlocks:
         pass
 
 
+def drop_weights(module: nn.Module) -> nn.Module:
+    """``module``'s parameters back on the meta device, its buffers kept where they are: a
+    skeleton's buffers are real (prunekit.weights.empty_model) and the checkpoint does not hold the
+    non-persistent ones, so ``module.to("meta")`` lost them for good (Gemma 3's embedding scale:
+    a later trace of the skeleton failed on a meta tensor)."""
+    for sub in module.modules():
+        for name, param in list(sub.named_parameters(recurse=False)):
+            setattr(sub, name, nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=False))
+    return module
+
+
 def return_freed_memory() -> None:
     """Hand the heap's free pages back to the system (glibc's malloc_trim). A block's tensors of a
     few MB come from the heap, not from their own mapping, and the pages they leave stay in RSS:
@@ -93,7 +104,7 @@ class StreamedBlocks(ResidentBlocks):
 
     def close_embedding(self) -> None:
         self._write_rows(f"{self.arch.embedding}.weight")
-        self._module(self.arch.embedding).to("meta")
+        drop_weights(self._module(self.arch.embedding))
         return_freed_memory()
 
     def load(self, index: int) -> nn.Module:
@@ -107,7 +118,7 @@ class StreamedBlocks(ResidentBlocks):
         self.discard(index, block)
 
     def discard(self, index: int, block: nn.Module) -> None:
-        decoder_layers(self.model)[index] = block.to("meta")
+        decoder_layers(self.model)[index] = drop_weights(block)
         return_freed_memory()
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -124,7 +135,7 @@ class StreamedBlocks(ResidentBlocks):
         """The final norm, and the head unless it is tied to the embedding (saved once, as it)."""
         norm = self.weights.materialize(self._module(self.arch.final_norm), self.arch.final_norm)
         self._write(self.arch.final_norm, norm)
-        norm.to("meta")
+        drop_weights(norm)
         if not getattr(self.model.config, "tie_word_embeddings", False):
             self._write_rows(f"{self.arch.head}.weight")
         self.model.tie_weights()  # materializing gave a tied head its own Parameter
@@ -161,7 +172,7 @@ class StreamedLogits:
             block = self.blocks.load(index)
             hidden = [[run_block(block, h, by_type[kind]) for h, (_, by_type) in zip(states, group)]
                       for states, group in zip(hidden, batches)]
-            decoder_layers(model)[index].to("meta")
+            drop_weights(decoder_layers(model)[index])
             return_freed_memory()
         self.hidden = [torch.cat(states) for states in hidden]
 
@@ -172,7 +183,7 @@ class StreamedLogits:
         try:
             return self.blocks.logits(self.hidden[group][first:first + ids.shape[0]])
         finally:
-            self.blocks.model.get_submodule(self.blocks.arch.final_norm).to("meta")
+            drop_weights(self.blocks.model.get_submodule(self.blocks.arch.final_norm))
 
     def __call__(self, window: torch.Tensor) -> torch.Tensor:
         return self.logits_of(window[None])[0, :-1]
@@ -185,4 +196,4 @@ class StreamedLogits:
         try:
             return norm(self.hidden[group])
         finally:
-            norm.to("meta")
+            drop_weights(norm)
