@@ -74,7 +74,8 @@ def test_a_streamed_pass_leaves_the_skeleton_traceable(family, tokenizer, calib_
     assert all(p.is_meta for p in opened.model.parameters())  # the pass kept no weight
     for name, buffer in opened.model.named_buffers():
         assert not buffer.is_meta and torch.equal(buffer, buffers[name]), name
-    assert streamed_graph(opened.model, opened.weights, fused=False) is not None
+    for fused in (True, False):  # cpu-onnx's trace, TensorRT's
+        assert streamed_graph(opened.model, opened.weights, fused=fused) is not None
 
 
 def test_streamed_source_refuses_a_checkpoint_missing_a_block(tokenizer, calib_ids, tmp_path):

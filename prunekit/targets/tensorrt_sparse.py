@@ -129,10 +129,11 @@ def ship_for_tensorrt(profile, plan, stage: Path, pruned, dense, sparse_weights:
     if dense is not None:
         dense_cost, dense_bytes = model_cost(dense), stored_bytes(dense, precision)
     variants = []
-    # a dense choice (no 2:4 GEMM) is its own shipped variant: no "pruned" row that repeats it
-    shipped_name = f"pruned {plan.pattern} {precision}" if sparse_weights else f"dense {precision}"
+    # a dense choice (the search's amount 0) is its own shipped variant: no "pruned" row that repeats it
+    pruned_shipped = plan.sparsity > 0
+    shipped_name = f"pruned {plan.pattern} {precision}" if pruned_shipped else f"dense {precision}"
     for batch in (1, 8):
-        if dense is not None and sparse_weights:
+        if dense is not None and pruned_shipped:
             variants.append({"name": f"dense {precision} batch {batch}", "bytes": dense_bytes,
                              **estimate_latency(dense_cost, dense_bytes, profile.peak_tflops[precision],
                                                 profile.memory_bandwidth_gbs, batch=batch)})
