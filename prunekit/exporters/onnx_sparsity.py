@@ -47,6 +47,12 @@ def iter_gemm_weights(path: Path):
         yield _scope(node), (array.T if node.op_type == "MatMul" else array)
 
 
+def block_prefixes(blocks) -> tuple[str, ...]:
+    """The GEMM name prefixes of decoder ``blocks`` (block indices): ``nm_report``'s ``skip`` for the
+    blocks an N:M plan kept dense on purpose (prunekit.pruning.partial)."""
+    return tuple(f"layers.{i}." for i in blocks)
+
+
 def nm_report(weights, n: int = 2, m: int = 4, only=("layers.",), skip=()) -> dict:
     """Per pruned GEMM: groups checked and groups breaking N:M; the names of the failing ones.
     ``weights``: a dict of (out, in) weights by module name, or (name, weight) pairs (e.g.

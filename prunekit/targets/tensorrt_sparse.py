@@ -12,7 +12,7 @@ from pathlib import Path
 from prunekit.errors import PrunekitError
 from prunekit.estimate import estimate_latency, model_cost, sparse_gemm_weights, sparse_stored_bytes
 from prunekit.exporters.onnx import OnnxDecoder, require_verified
-from prunekit.exporters.onnx_sparsity import gemm_weights, nm_report
+from prunekit.exporters.onnx_sparsity import block_prefixes, gemm_weights, nm_report
 from prunekit.exporters.tensorrt import build_engine, cache_inputs, tensorrt_available, write_build_script
 from prunekit.progress import say
 from prunekit.targets import ExportContext, ExportOutcome
@@ -74,7 +74,7 @@ def build(context: ExportContext) -> ExportOutcome:
     int8 = plan.precision == "int8"
     n_m = plan.pattern.n_m if plan.sparsity > 0 else None  # the dense model shipped: no pattern to check
     timings, checks = {}, {}
-    dense_blocks = tuple(f"layers.{i}." for i in context.dense_blocks)  # not pruned: not checked for N:M
+    dense_blocks = block_prefixes(context.dense_blocks)  # not pruned: not checked for N:M
     with tempfile.TemporaryDirectory(prefix="prunekit-trt-") as scratch:
         start = time.perf_counter()
         say("exporting the pruned model to ONNX", quiet)
@@ -126,14 +126,14 @@ def ship_for_tensorrt(profile, plan, stage: Path, pruned, dense, sparse_weights:
     # stay dense); embeddings, lm_head and norms stay dense
     stored = sparse_stored_bytes(pruned, precision, sparse_weights)
     speedup = profile.sparse_gemm_speedup if sparse_weights else 1.0
-    if dense is not None:
-        dense_cost, dense_bytes = model_cost(dense), stored_bytes(dense, precision)
-    variants = []
     # a dense choice (the search's amount 0) is its own shipped variant: no "pruned" row that repeats it
-    pruned_shipped = plan.sparsity > 0
-    shipped_name = f"pruned {plan.pattern} {precision}" if pruned_shipped else f"dense {precision}"
+    beside_dense = dense is not None and plan.sparsity > 0
+    if beside_dense:
+        dense_cost, dense_bytes = model_cost(dense), stored_bytes(dense, precision)
+    shipped_name = f"pruned {plan.pattern} {precision}" if plan.sparsity > 0 else f"dense {precision}"
+    variants = []
     for batch in (1, 8):
-        if dense is not None and pruned_shipped:
+        if beside_dense:
             variants.append({"name": f"dense {precision} batch {batch}", "bytes": dense_bytes,
                              **estimate_latency(dense_cost, dense_bytes, profile.peak_tflops[precision],
                                                 profile.memory_bandwidth_gbs, batch=batch)})

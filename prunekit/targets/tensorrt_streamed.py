@@ -22,7 +22,7 @@ import numpy as np
 
 from prunekit.estimate import model_cost
 from prunekit.evaluation import StoredLogits, measure_qualities, measure_quality
-from prunekit.exporters.onnx_sparsity import iter_gemm_weights, nm_report, patterned_weights
+from prunekit.exporters.onnx_sparsity import block_prefixes, iter_gemm_weights, nm_report, patterned_weights
 from prunekit.progress import say
 from prunekit.search import Candidate
 from prunekit.targets import ExportOutcome
@@ -79,7 +79,7 @@ class StreamedTensorrtCandidates:
         self.paths[(amount, "fp32")] = fp32
         if amount > 0 and self.plan.pattern.n_m:
             # blocks a partial amount kept dense on purpose (prunekit.pruning.partial) are counted, not checked
-            self.skips[amount] = tuple(f"layers.{i}." for i in (loaded.manifest or {}).get("dense_blocks", ()))
+            self.skips[amount] = block_prefixes((loaded.manifest or {}).get("dense_blocks", ()))
             self.patterns[amount] = nm_report(iter_gemm_weights(fp32), *self.plan.pattern.n_m,
                                               skip=self.skips[amount])
         sparse_weights = self._sparse_weights(amount)
